@@ -1,0 +1,395 @@
+// CPU kernels of the fastdiff operators: at::parallel_for over fixed chunks
+// of one sample each, per-sample coefficients in float64 (common.h), the
+// per-element maths in float (double for float64 tensors).
+//
+// The noise stream (Philox4x32-10 + Box-Muller, defined in
+// fastdiff/reference/noise.py) is the expensive part on a CPU, so it is
+// generated a block of 64 Philox groups at a time with loops the compiler
+// vectorises (the 32x32->64 multiplies, and a polynomial log / sin / cos
+// written to be branch-free) instead of one libm call per element.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "../host.h"
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(FASTDIFF_NO_TARGET_CLONES)
+// One AVX2+FMA clone chosen at load time, the baseline clone elsewhere: a
+// 3-4x faster noise generator without tying the build to the build machine.
+#define FD_CLONES __attribute__((target_clones("arch=haswell", "default")))
+#else
+#define FD_CLONES
+#endif
+
+namespace fastdiff {
+namespace {
+
+constexpr int64_t kChunk = 16384;  // elements per parallel work item (within one sample)
+constexpr int kGroups = 64;        // Philox groups generated per inner block (256 normals)
+
+inline float bits_to_float(uint32_t b) {
+  float f;
+  std::memcpy(&f, &b, 4);
+  return f;
+}
+inline uint32_t float_to_bits(float f) {
+  uint32_t b;
+  std::memcpy(&b, &f, 4);
+  return b;
+}
+
+// ln(u) for u in [2^-33, 1]: exponent split, mantissa folded into
+// [sqrt(1/2), sqrt(2)), then 2 atanh(s) as a series (|s| <= 0.1716, error < 1e-9).
+inline float log_unit(float u) {
+  const uint32_t bits = float_to_bits(u);
+  int32_t e = static_cast<int32_t>(bits >> 23) - 127;
+  float m = bits_to_float((bits & 0x007FFFFFu) | 0x3F800000u);  // [1, 2)
+  const bool big = m > 1.41421356f;
+  m = big ? m * 0.5f : m;
+  e = big ? e + 1 : e;
+  const float s = (m - 1.0f) / (m + 1.0f);
+  const float s2 = s * s;
+  const float p = 1.0f + s2 * (1.0f / 3 + s2 * (1.0f / 5 + s2 * (1.0f / 7 + s2 * (1.0f / 9))));
+  return static_cast<float>(e) * 0.69314718f + 2.0f * s * p;
+}
+
+// sin and cos of 2*pi*v for v in [0, 1): nearest quadrant, then Taylor
+// polynomials on [-pi/4, pi/4] (truncation error < 2e-9).
+inline void sincos_2pi(float v, float& s_out, float& c_out) {
+  const float x = v * 4.0f;
+  const float qf = std::nearbyint(x);
+  const float p = (x - qf) * 1.57079633f;
+  const int q = static_cast<int>(qf) & 3;
+  const float p2 = p * p;
+  const float sp =
+      p * (1.0f + p2 * (-1.0f / 6 + p2 * (1.0f / 120 + p2 * (-1.0f / 5040 + p2 * (1.0f / 362880)))));
+  const float cp =
+      1.0f + p2 * (-0.5f + p2 * (1.0f / 24 + p2 * (-1.0f / 720 + p2 * (1.0f / 40320 + p2 * (-1.0f / 3628800)))));
+  const bool swap = q & 1;
+  const float s = swap ? cp : sp;
+  const float c = swap ? sp : cp;
+  s_out = (q & 2) ? -s : s;
+  c_out = ((q + 1) & 2) ? -c : c;
+}
+
+// Normals 4*g0 .. 4*g0 + 4*G - 1 of the stream into z (G <= kGroups).
+FD_CLONES void normal_block(const PhiloxKey k, uint64_t g0, int G, float* z) {
+  uint32_t c0[kGroups], c1[kGroups], c2[kGroups], c3[kGroups];
+  for (int i = 0; i < G; ++i) {
+    const uint64_t g = g0 + static_cast<uint64_t>(i);
+    c0[i] = static_cast<uint32_t>(g);
+    c1[i] = static_cast<uint32_t>(g >> 32);
+    c2[i] = k.o_lo;
+    c3[i] = k.o_hi;
+  }
+  uint32_t k0 = k.s_lo, k1 = k.s_hi;
+  for (int r = 0; r < 10; ++r) {
+    for (int i = 0; i < G; ++i) {
+      const uint64_t p0 = static_cast<uint64_t>(0xD2511F53u) * c0[i];
+      const uint64_t p1 = static_cast<uint64_t>(0xCD9E8D57u) * c2[i];
+      const uint32_t n0 = static_cast<uint32_t>(p1 >> 32) ^ c1[i] ^ k0;
+      const uint32_t n2 = static_cast<uint32_t>(p0 >> 32) ^ c3[i] ^ k1;
+      c1[i] = static_cast<uint32_t>(p1);
+      c3[i] = static_cast<uint32_t>(p0);
+      c0[i] = n0;
+      c2[i] = n2;
+    }
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  for (int i = 0; i < G; ++i) {
+    const float ua = static_cast<float>(c0[i]) * 2.3283064365386963e-10f + 1.1641532182693481e-10f;
+    const float ub = static_cast<float>(c2[i]) * 2.3283064365386963e-10f + 1.1641532182693481e-10f;
+    const float ra = std::sqrt(-2.0f * log_unit(ua));
+    const float rb = std::sqrt(-2.0f * log_unit(ub));
+    float sa, ca, sb, cb;
+    sincos_2pi(static_cast<float>(c1[i]) * 2.3283064365386963e-10f, sa, ca);
+    sincos_2pi(static_cast<float>(c3[i]) * 2.3283064365386963e-10f, sb, cb);
+    z[4 * i + 0] = ra * ca;
+    z[4 * i + 1] = ra * sa;
+    z[4 * i + 2] = rb * cb;
+    z[4 * i + 3] = rb * sb;
+  }
+}
+
+// Normals for stream positions [start, start + n) into out (n <= kChunk).
+void fill_normal(const PhiloxKey& k, uint64_t start, int64_t n, float* out) {
+  float z[4 * kGroups];
+  uint64_t pos = start;
+  const uint64_t end = start + static_cast<uint64_t>(n);
+  while (pos < end) {
+    const uint64_t g0 = pos / 4;
+    const uint64_t groups_left = (end - g0 * 4 + 3) / 4;
+    const int G = static_cast<int>(std::min<uint64_t>(groups_left, kGroups));
+    normal_block(k, g0, G, z);
+    const uint64_t blk_end = std::min<uint64_t>(end, (g0 + G) * 4);
+    for (uint64_t p = pos; p < blk_end; ++p) out[p - start] = z[p - g0 * 4];
+    pos = blk_end;
+  }
+}
+
+PhiloxKey read_key(const at::Tensor& key) {
+  const int64_t* kp = key.data_ptr<int64_t>();
+  return make_key(kp[0], kp[1]);
+}
+
+// Runs f(n, lo, hi, item) over every chunk of every sample, in parallel.
+template <typename F>
+void for_each_chunk(int64_t N, int64_t M, const F& f) {
+  if (N == 0 || M == 0) return;
+  const int64_t per = (M + kChunk - 1) / kChunk;
+  at::parallel_for(0, N * per, 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t n = i / per, c = i % per;
+      const int64_t lo = c * kChunk;
+      f(n, lo, std::min(M, lo + kChunk), i);
+    }
+  });
+}
+
+template <typename scalar_t>
+using acc_type_t = typename std::conditional<std::is_same<scalar_t, double>::value, double, float>::type;
+
+// Per-thread scratch for one chunk of noise.
+struct NoiseBuf {
+  std::vector<float> z;
+  float* get() {
+    if (z.empty()) z.resize(kChunk);
+    return z.data();
+  }
+};
+
+}  // namespace
+
+// ------------------------------------------------------------- q_sample ---
+static std::tuple<at::Tensor, at::Tensor> q_sample_impl(const at::Tensor& x0_in, const at::Tensor& t,
+                                                        const at::Tensor& abar, const at::Tensor* noise_in,
+                                                        const at::Tensor* key, bool return_noise) {
+  check_common(x0_in, "x0", t, abar);
+  const at::Tensor x0 = canonical(x0_in);
+  at::Tensor noise;
+  if (noise_in) {
+    check_same_like(*noise_in, x0_in, "noise", "x0");
+    noise = match_layout(*noise_in, x0);
+  }
+  if (key) check_key(*key, x0_in);
+  at::Tensor out = at::empty_like(x0);
+  at::Tensor noise_out = return_noise ? at::empty_like(x0) : at::empty({0}, x0.options());
+  const int64_t N = x0.size(0), M = per_sample(x0), T = abar.size(0);
+  const at::Tensor tc = t.contiguous(), ac = abar.contiguous();
+  const int64_t* tp = tc.data_ptr<int64_t>();
+  const double* ap = ac.data_ptr<double>();
+  const PhiloxKey k = key ? read_key(key->contiguous()) : PhiloxKey{};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x0.scalar_type(), "fastdiff_q_sample_cpu", [&] {
+    using acc_t = acc_type_t<scalar_t>;
+    const scalar_t* xp = x0.data_ptr<scalar_t>();
+    const scalar_t* np = noise_in ? noise.data_ptr<scalar_t>() : nullptr;
+    scalar_t* op = out.data_ptr<scalar_t>();
+    scalar_t* zp = return_noise ? noise_out.data_ptr<scalar_t>() : nullptr;
+    for_each_chunk(N, M, [&](int64_t n, int64_t lo, int64_t hi, int64_t) {
+      const QCoef c = q_coef(ap, T, tp[n]);
+      const acc_t a = c.valid ? acc_t(c.a) : fd_nan<acc_t>(), b = c.valid ? acc_t(c.b) : fd_nan<acc_t>();
+      const int64_t base = n * M;
+      if (np) {
+        for (int64_t j = base + lo; j < base + hi; ++j)
+          op[j] = static_cast<scalar_t>(a * static_cast<acc_t>(xp[j]) + b * static_cast<acc_t>(np[j]));
+        return;
+      }
+      thread_local NoiseBuf buf;
+      float* z = buf.get();
+      fill_normal(k, static_cast<uint64_t>(base + lo), hi - lo, z);
+      for (int64_t j = 0; j < hi - lo; ++j)
+        op[base + lo + j] = static_cast<scalar_t>(a * static_cast<acc_t>(xp[base + lo + j]) + b * acc_t(z[j]));
+      if (zp)
+        for (int64_t j = 0; j < hi - lo; ++j) zp[base + lo + j] = static_cast<scalar_t>(z[j]);
+    });
+  });
+  return {out, noise_out};
+}
+
+at::Tensor q_sample_cpu(const at::Tensor& x0, const at::Tensor& t, const at::Tensor& abar, const at::Tensor& noise) {
+  return std::get<0>(q_sample_impl(x0, t, abar, &noise, nullptr, false));
+}
+
+std::tuple<at::Tensor, at::Tensor> q_sample_rng_cpu(const at::Tensor& x0, const at::Tensor& t,
+                                                    const at::Tensor& abar, const at::Tensor& key,
+                                                    bool return_noise) {
+  return q_sample_impl(x0, t, abar, nullptr, &key, return_noise);
+}
+
+// ------------------------------------------------------- diffusion_loss ---
+std::tuple<at::Tensor, at::Tensor> diffusion_loss_cpu(const at::Tensor& model_output, const at::Tensor& x0_in,
+                                                      const at::Tensor& t, const at::Tensor& abar,
+                                                      const c10::optional<at::Tensor>& noise_in,
+                                                      const c10::optional<at::Tensor>& key,
+                                                      const at::Tensor& weight, int64_t target, bool need_grad) {
+  check_common(x0_in, "x0", t, abar);
+  check_same_like(model_output, x0_in, "model_output", "x0");
+  check_per_sample_f32(weight, x0_in, "weight");
+  TORCH_CHECK(noise_in.has_value() != key.has_value(), "fastdiff: diffusion_loss needs exactly one of noise, key");
+  TORCH_CHECK(target >= 0 && target <= 2, "fastdiff: target code must be 0, 1 or 2, got ", target);
+  const at::Tensor x0 = canonical(x0_in);
+  const at::Tensor out = match_layout(model_output, x0);
+  at::Tensor noise;
+  if (noise_in) {
+    check_same_like(*noise_in, x0_in, "noise", "x0");
+    noise = match_layout(*noise_in, x0);
+  }
+  if (key) check_key(*key, x0_in);
+  const int64_t N = x0.size(0), M = per_sample(x0), T = abar.size(0);
+  at::Tensor grad = need_grad ? at::empty_like(x0) : at::empty({0}, x0.options());
+  const int64_t per = M == 0 ? 0 : (M + kChunk - 1) / kChunk;
+  std::vector<double> partial(static_cast<size_t>(N * per), 0.0);
+  const at::Tensor tc = t.contiguous(), ac = abar.contiguous(), wc = weight.contiguous();
+  const int64_t* tp = tc.data_ptr<int64_t>();
+  const double* ap = ac.data_ptr<double>();
+  const float* wp = wc.data_ptr<float>();
+  const PhiloxKey k = key ? read_key(key->contiguous()) : PhiloxKey{};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x0.scalar_type(), "fastdiff_loss_cpu", [&] {
+    using acc_t = acc_type_t<scalar_t>;
+    const scalar_t* xp = x0.data_ptr<scalar_t>();
+    const scalar_t* mp = out.data_ptr<scalar_t>();
+    const scalar_t* np = noise_in ? noise.data_ptr<scalar_t>() : nullptr;
+    scalar_t* gp = need_grad ? grad.data_ptr<scalar_t>() : nullptr;
+    for_each_chunk(N, M, [&](int64_t n, int64_t lo, int64_t hi, int64_t item) {
+      const QCoef c = q_coef(ap, T, tp[n]);
+      const acc_t a = c.valid ? acc_t(c.a) : fd_nan<acc_t>(), b = c.valid ? acc_t(c.b) : fd_nan<acc_t>();
+      const acc_t gscale = acc_t(2.0 * static_cast<double>(wp[n]) / static_cast<double>(M));
+      const acc_t poison = c.valid ? acc_t(0) : fd_nan<acc_t>();  // invalid t: NaN loss and grad
+      const int64_t base = n * M + lo;
+      float* z = nullptr;
+      if (!np) {
+        thread_local NoiseBuf buf;
+        z = buf.get();
+        fill_normal(k, static_cast<uint64_t>(base), hi - lo, z);
+      }
+      double acc = 0.0;
+      for (int64_t j = 0; j < hi - lo; ++j) {
+        const acc_t eps = np ? static_cast<acc_t>(np[base + j]) : acc_t(z[j]);
+        const acc_t x = static_cast<acc_t>(xp[base + j]);
+        const acc_t tgt = target == kEpsilon ? eps : (target == kSample ? x : a * eps - b * x);
+        const acc_t d = static_cast<acc_t>(mp[base + j]) - tgt + poison;
+        acc += static_cast<double>(d * d);
+        if (gp) gp[base + j] = static_cast<scalar_t>(gscale * d);
+      }
+      partial[static_cast<size_t>(item)] = acc;
+    });
+  });
+  // float64 losses for float64 inputs (gradcheck), float32 otherwise
+  const bool f64 = x0.scalar_type() == at::kDouble;
+  at::Tensor loss = at::empty({N}, x0.options().dtype(f64 ? at::kDouble : at::kFloat));
+  for (int64_t n = 0; n < N; ++n) {
+    double s = 0.0;
+    for (int64_t c = 0; c < per; ++c) s += partial[static_cast<size_t>(n * per + c)];
+    const double v = M == 0 ? 0.0 : static_cast<double>(wp[n]) * s / static_cast<double>(M);
+    if (f64) loss.data_ptr<double>()[n] = v; else loss.data_ptr<float>()[n] = static_cast<float>(v);
+  }
+  return {loss, grad};
+}
+
+// --------------------------------------------------------- reverse steps ---
+template <bool kDDIM>
+static std::tuple<at::Tensor, at::Tensor> step_impl(const StepArgs& s, const at::Tensor& abar, int64_t pred,
+                                                    int64_t var_type, double clip_range, double eta,
+                                                    double final_ab, bool use_clipped) {
+  const at::Tensor& x = s.x;
+  at::Tensor prev = at::empty_like(x), x0_out = at::empty_like(x);
+  const int64_t N = x.size(0), M = per_sample(x), T = abar.size(0);
+  const at::Tensor ac = abar.contiguous();
+  const int64_t* tp = s.t.data_ptr<int64_t>();
+  const int64_t* pp = s.t_prev.data_ptr<int64_t>();
+  const double* ap = ac.data_ptr<double>();
+  const float* thp = s.thresh.defined() ? s.thresh.data_ptr<float>() : nullptr;
+  const bool rng = s.key.defined();
+  const PhiloxKey k = rng ? read_key(s.key) : PhiloxKey{};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastdiff_step_cpu", [&] {
+    using acc_t = acc_type_t<scalar_t>;
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* mp = s.out.data_ptr<scalar_t>();
+    const scalar_t* vp = s.var.defined() ? s.var.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* np = s.noise.defined() ? s.noise.data_ptr<scalar_t>() : nullptr;
+    scalar_t* op = prev.data_ptr<scalar_t>();
+    scalar_t* x0p = x0_out.data_ptr<scalar_t>();
+    for_each_chunk(N, M, [&](int64_t n, int64_t lo, int64_t hi, int64_t) {
+      const StepCoef c = kDDIM ? ddim_coef(ap, T, tp[n], pp[n], eta, final_ab) : ddpm_coef(ap, T, tp[n], pp[n], var_type);
+      const int64_t base = n * M + lo;
+      if (!c.valid) {
+        for (int64_t j = 0; j < hi - lo; ++j) op[base + j] = x0p[base + j] = static_cast<scalar_t>(NAN);
+        return;
+      }
+      const acc_t sab = acc_t(c.sqrt_ab), s1m = acc_t(c.sqrt_1m_ab), cx0 = acc_t(c.c_x0), cxt = acc_t(c.c_xt);
+      const acc_t clip = acc_t(clip_range), th = thp ? acc_t(thp[n]) : acc_t(0);
+      const bool add_noise = c.noise_on && (rng || np);
+      float* z = nullptr;
+      if (add_noise && rng) {
+        thread_local NoiseBuf buf;
+        z = buf.get();
+        fill_normal(k, static_cast<uint64_t>(base), hi - lo, z);
+      }
+      for (int64_t j = 0; j < hi - lo; ++j) {
+        const acc_t o = static_cast<acc_t>(mp[base + j]);
+        const acc_t xv = static_cast<acc_t>(xp[base + j]);
+        const acc_t x0 = clip_x0<acc_t>(predict_x0<acc_t>(o, xv, sab, s1m, pred), clip, th);
+        acc_t r;
+        if (kDDIM) {
+          acc_t eps = pred == kEpsilon ? o : (pred == kSample ? (xv - sab * o) / s1m : sab * o + s1m * xv);
+          if (use_clipped) eps = (xv - sab * x0) / s1m;
+          r = cx0 * x0 + cxt * eps;
+          if (add_noise) r += acc_t(c.std) * (z ? acc_t(z[j]) : static_cast<acc_t>(np[base + j]));
+        } else {
+          r = cx0 * x0 + cxt * xv;
+          if (add_noise) {
+            const acc_t sd = ddpm_elem_std<acc_t>(c, var_type, vp ? static_cast<acc_t>(vp[base + j]) : acc_t(0));
+            r += sd * (z ? acc_t(z[j]) : static_cast<acc_t>(np[base + j]));
+          }
+        }
+        op[base + j] = static_cast<scalar_t>(r);
+        x0p[base + j] = static_cast<scalar_t>(x0);
+      }
+    });
+  });
+  return {prev, x0_out};
+}
+
+std::tuple<at::Tensor, at::Tensor> ddpm_step_cpu(const at::Tensor& model_output, const at::Tensor& sample,
+                                                 const at::Tensor& t, const at::Tensor& t_prev,
+                                                 const at::Tensor& abar, const c10::optional<at::Tensor>& model_var,
+                                                 const c10::optional<at::Tensor>& noise,
+                                                 const c10::optional<at::Tensor>& key,
+                                                 const c10::optional<at::Tensor>& thresh, int64_t prediction_type,
+                                                 int64_t variance_type, double clip_range) {
+  TORCH_CHECK(variance_type >= 0 && variance_type <= 5, "fastdiff: variance_type code must be in 0..5, got ",
+              variance_type);
+  TORCH_CHECK(variance_type < kLearned || model_var.has_value(), "fastdiff: learned variance types need model_var");
+  const StepArgs s = prepare_step(model_output, sample, t, t_prev, abar, model_var, noise, key, thresh,
+                                  prediction_type);
+  return step_impl<false>(s, abar, prediction_type, variance_type, clip_range, 0.0, 1.0, false);
+}
+
+std::tuple<at::Tensor, at::Tensor> ddim_step_cpu(const at::Tensor& model_output, const at::Tensor& sample,
+                                                 const at::Tensor& t, const at::Tensor& t_prev,
+                                                 const at::Tensor& abar, const c10::optional<at::Tensor>& noise,
+                                                 const c10::optional<at::Tensor>& key,
+                                                 const c10::optional<at::Tensor>& thresh, int64_t prediction_type,
+                                                 double clip_range, double eta, double final_alpha_cumprod,
+                                                 bool use_clipped_model_output) {
+  TORCH_CHECK(eta >= 0.0, "fastdiff: eta must be >= 0, got ", eta);
+  const StepArgs s = prepare_step(model_output, sample, t, t_prev, abar, c10::nullopt, noise, key, thresh,
+                                  prediction_type);
+  return step_impl<true>(s, abar, prediction_type, kFixedSmall, clip_range, eta, final_alpha_cumprod,
+                         use_clipped_model_output);
+}
+
+TORCH_LIBRARY_IMPL(fastdiff, CPU, m) {
+  m.impl("q_sample", &q_sample_cpu);
+  m.impl("q_sample_rng", &q_sample_rng_cpu);
+  m.impl("diffusion_loss", &diffusion_loss_cpu);
+  m.impl("ddpm_step", &ddpm_step_cpu);
+  m.impl("ddim_step", &ddim_step_cpu);
+}
+
+}  // namespace fastdiff

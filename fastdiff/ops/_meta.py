@@ -1,0 +1,106 @@
+"""Fake (meta) kernels and autograd formulas of the fastdiff operators.
+
+Fakes let ``torch.compile(fullgraph=True)`` trace the ops: they only state
+output shapes, dtypes and strides (the layout rule of ``_layout``), so a new
+timestep value never causes a recompilation (t is a tensor input).
+
+Autograd: q_sample is linear in x0 and noise, so its backward is a
+per-sample scale, written with ATen ops (which the compiler fuses). The
+diffusion loss computes d(sum_n loss_n)/d(model_output) in its forward pass
+(no extra read of x0/noise), and its backward is one broadcast multiply by the
+incoming per-sample gradient. The reverse steps are sampling ops and are not
+differentiable.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._layout import empty_canonical
+from ._schemas import NAMESPACE
+
+
+def _f(name):
+    return f"{NAMESPACE}::{name}"
+
+
+@torch.library.register_fake(_f("q_sample"))
+def _q_sample_fake(x0, t, alphas_cumprod, noise):
+    return empty_canonical(x0)
+
+
+@torch.library.register_fake(_f("q_sample_rng"))
+def _q_sample_rng_fake(x0, t, alphas_cumprod, key, return_noise):
+    return empty_canonical(x0), (empty_canonical(x0) if return_noise else x0.new_empty(0))
+
+
+@torch.library.register_fake(_f("diffusion_loss"))
+def _loss_fake(model_output, x0, t, alphas_cumprod, noise, key, weight, target, need_grad):
+    per = x0.new_empty((x0.shape[0],), dtype=torch.float64 if x0.dtype == torch.float64 else torch.float32)
+    return per, (empty_canonical(x0) if need_grad else x0.new_empty(0))
+
+
+@torch.library.register_fake(_f("ddpm_step"))
+def _ddpm_fake(model_output, sample, t, t_prev, alphas_cumprod, model_var, noise, key, thresh, prediction_type,
+               variance_type, clip_range):
+    return empty_canonical(sample), empty_canonical(sample)
+
+
+@torch.library.register_fake(_f("ddim_step"))
+def _ddim_fake(model_output, sample, t, t_prev, alphas_cumprod, noise, key, thresh, prediction_type, clip_range, eta,
+               final_alpha_cumprod, use_clipped_model_output):
+    return empty_canonical(sample), empty_canonical(sample)
+
+
+# ------------------------------------------------------------- autograd ----
+def per_sample_coef(alphas_cumprod: torch.Tensor, t: torch.Tensor, which: str, like: torch.Tensor,
+                    dtype=None) -> torch.Tensor:
+    """sqrt(abar_t) or sqrt(1-abar_t) per sample, shaped to broadcast against
+    ``like``, in ``dtype`` (default like's); NaN for out-of-range t (as the kernels)."""
+    T = alphas_cumprod.shape[0]
+    ab = alphas_cumprod[t.clamp(0, T - 1)]
+    c = ab.sqrt() if which == "a" else (1 - ab).sqrt()
+    c = torch.where((t >= 0) & (t < T), c, torch.full_like(c, float("nan")))
+    return c.to(dtype or like.dtype).reshape((-1,) + (1,) * (like.dim() - 1))
+
+
+def _q_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1], inputs[2])
+
+
+def _q_backward(ctx, grad):
+    t, abar = ctx.saved_tensors
+    gx = grad * per_sample_coef(abar, t, "a", grad) if ctx.needs_input_grad[0] else None
+    gn = grad * per_sample_coef(abar, t, "b", grad) if ctx.needs_input_grad[3] else None
+    return gx, None, None, gn
+
+
+def _q_rng_backward(ctx, grad, grad_noise):
+    t, abar = ctx.saved_tensors
+    gx = None
+    if ctx.needs_input_grad[0]:
+        gx = grad * per_sample_coef(abar, t, "a", grad)
+        # the returned noise does not depend on x0: grad_noise contributes nothing
+    return gx, None, None, None, None
+
+
+def _loss_setup(ctx, inputs, output):
+    if not inputs[8]:  # need_grad
+        ctx.grad_ok = False
+        return
+    ctx.grad_ok = True
+    ctx.save_for_backward(output[1])
+
+
+def _loss_backward(ctx, grad_per_sample, _grad_grad):
+    if not ctx.grad_ok:
+        raise RuntimeError(
+            "fastdiff.diffusion_loss: the gradient was not computed in the forward pass; call it with "
+            "model_output.requires_grad=True under grad mode (the public function decides need_grad for you)")
+    (g,) = ctx.saved_tensors
+    scale = grad_per_sample.to(g.dtype).reshape((-1,) + (1,) * (g.dim() - 1))
+    return g * scale, None, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd(_f("q_sample"), _q_backward, setup_context=_q_setup)
+torch.library.register_autograd(_f("q_sample_rng"), _q_rng_backward, setup_context=_q_setup)
+torch.library.register_autograd(_f("diffusion_loss"), _loss_backward, setup_context=_loss_setup)

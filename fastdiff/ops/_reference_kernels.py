@@ -1,0 +1,90 @@
+"""The operators implemented with the plain-PyTorch reference (float64 maths).
+
+Used on CPU when the extension is not built and as the ``reference`` GPU
+backend; slow but exact. Signatures follow fastdiff/ops/_schemas.py.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import reference as ref
+from ._codes import PREDICTION, VARIANCE
+from ._layout import canonical, empty_canonical
+
+
+def _out(primary: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    o = empty_canonical(primary)
+    o.copy_(value)
+    return o
+
+
+def _nan_invalid(value: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    shape = (-1,) + (1,) * (value.dim() - 1)
+    return torch.where(valid.reshape(shape).to(value.device), value, torch.full_like(value, float("nan")))
+
+
+def _valid_t(t, T):
+    return (t >= 0) & (t < T)
+
+
+def _valid_pair(t, t_prev, T):
+    return _valid_t(t, T) & (t_prev >= -1) & (t_prev < T) & (t_prev < t)
+
+
+def _noise(primary, key):
+    return ref.noise_like(canonical(primary), key)
+
+
+def q_sample(x0, t, alphas_cumprod, noise):
+    T = alphas_cumprod.shape[0]
+    tc = t.clamp(0, T - 1)
+    v = _nan_invalid(ref.q_sample(x0, tc, alphas_cumprod, noise).to(torch.float64), _valid_t(t, T))
+    return _out(x0, v)
+
+
+def q_sample_rng(x0, t, alphas_cumprod, key, return_noise):
+    z = _noise(x0, key)
+    xt = q_sample(x0, t, alphas_cumprod, z)
+    nz = _out(x0, z) if return_noise else x0.new_empty(0)
+    return xt, nz
+
+
+def diffusion_loss(model_output, x0, t, alphas_cumprod, noise, key, weight, target, need_grad):
+    if (noise is None) == (key is None):
+        raise RuntimeError("fastdiff: diffusion_loss needs exactly one of noise, key")
+    T = alphas_cumprod.shape[0]
+    z = noise if noise is not None else _noise(x0, key)
+    per, grad = ref.diffusion_loss(model_output, x0, t.clamp(0, T - 1), alphas_cumprod, z, weight,
+                                   PREDICTION[target])
+    valid = _valid_t(t, T)
+    per = torch.where(valid.to(per.device), per, torch.full_like(per, float("nan")))
+    per = per.to(torch.float64 if x0.dtype == torch.float64 else torch.float32)
+    g = _out(x0, _nan_invalid(grad.to(torch.float64), valid)) if need_grad else x0.new_empty(0)
+    return per, g
+
+
+def ddpm_step(model_output, sample, t, t_prev, alphas_cumprod, model_var, noise, key, thresh,
+              prediction_type, variance_type, clip_range):
+    T = alphas_cumprod.shape[0]
+    z = noise if noise is not None else (_noise(sample, key) if key is not None else None)
+    tc, pc = t.clamp(0, T - 1), t_prev.clamp(-1, T - 1)
+    prev, x0 = ref.ddpm_step(model_output, sample, tc, pc, alphas_cumprod, noise=z, model_var=model_var,
+                             prediction_type=PREDICTION[prediction_type], variance_type=VARIANCE[variance_type],
+                             clip_range=clip_range, thresh=thresh)
+    valid = _valid_pair(t, t_prev, T)
+    return (_out(sample, _nan_invalid(prev.to(torch.float64), valid)),
+            _out(sample, _nan_invalid(x0.to(torch.float64), valid)))
+
+
+def ddim_step(model_output, sample, t, t_prev, alphas_cumprod, noise, key, thresh, prediction_type, clip_range,
+              eta, final_alpha_cumprod, use_clipped_model_output):
+    T = alphas_cumprod.shape[0]
+    z = noise if noise is not None else (_noise(sample, key) if key is not None else None)
+    tc, pc = t.clamp(0, T - 1), t_prev.clamp(-1, T - 1)
+    prev, x0 = ref.ddim_step(model_output, sample, tc, pc, alphas_cumprod, noise=z, eta=eta,
+                             prediction_type=PREDICTION[prediction_type], clip_range=clip_range, thresh=thresh,
+                             final_alpha_cumprod=final_alpha_cumprod,
+                             use_clipped_model_output=use_clipped_model_output)
+    valid = _valid_pair(t, t_prev, T)
+    return (_out(sample, _nan_invalid(prev.to(torch.float64), valid)),
+            _out(sample, _nan_invalid(x0.to(torch.float64), valid)))

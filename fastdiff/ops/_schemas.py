@@ -1,0 +1,48 @@
+"""The operator schemas of the ``fastdiff`` namespace, defined once.
+
+The C++ extension only *implements* these (``TORCH_LIBRARY_IMPL``), the
+Triton backend registers Python kernels for the same names, and the fake
+(meta) kernels live in :mod:`fastdiff.ops._fakes`. Defining the schemas here
+means ``import fastdiff`` works, with the reference kernels, even when the
+extension was not built.
+
+Integer codes: prediction/target 0 epsilon, 1 sample, 2 v_prediction;
+variance 0 fixed_small, 1 fixed_small_log, 2 fixed_large, 3 fixed_large_log,
+4 learned, 5 learned_range. ``alphas_cumprod`` is float64; ``t`` int64 (N,).
+"""
+from __future__ import annotations
+
+import torch
+
+NAMESPACE = "fastdiff"
+
+SCHEMAS = {
+    # x_t = sqrt(abar_t) x0 + sqrt(1-abar_t) noise
+    "q_sample": "q_sample(Tensor x0, Tensor t, Tensor alphas_cumprod, Tensor noise) -> Tensor",
+    # same, noise drawn in the kernel from key = [seed, offset]; returns (x_t, noise or empty)
+    "q_sample_rng": "q_sample_rng(Tensor x0, Tensor t, Tensor alphas_cumprod, Tensor key, bool return_noise)"
+    " -> (Tensor, Tensor)",
+    # per-sample weighted MSE against the epsilon/x0/v target (float32; float64 for float64
+    # inputs) + its gradient (or empty)
+    "diffusion_loss": "diffusion_loss(Tensor model_output, Tensor x0, Tensor t, Tensor alphas_cumprod,"
+    " Tensor? noise, Tensor? key, Tensor weight, int target, bool need_grad) -> (Tensor, Tensor)",
+    # ancestral DDPM step: (prev_sample, pred_original_sample)
+    "ddpm_step": "ddpm_step(Tensor model_output, Tensor sample, Tensor t, Tensor t_prev, Tensor alphas_cumprod,"
+    " Tensor? model_var, Tensor? noise, Tensor? key, Tensor? thresh, int prediction_type, int variance_type,"
+    " float clip_range) -> (Tensor, Tensor)",
+    # DDIM step: (prev_sample, pred_original_sample)
+    "ddim_step": "ddim_step(Tensor model_output, Tensor sample, Tensor t, Tensor t_prev, Tensor alphas_cumprod,"
+    " Tensor? noise, Tensor? key, Tensor? thresh, int prediction_type, float clip_range, float eta,"
+    " float final_alpha_cumprod, bool use_clipped_model_output) -> (Tensor, Tensor)",
+}
+
+# Tags: every op is a pure function of its inputs (the key makes the noise
+# deterministic), so none needs the nondeterministic_seeded tag.
+LIB = torch.library.Library(NAMESPACE, "DEF")
+for _schema in SCHEMAS.values():
+    LIB.define(_schema)
+
+
+def op(name: str):
+    """The OpOverload ``torch.ops.fastdiff.<name>.default``."""
+    return getattr(getattr(torch.ops, NAMESPACE), name).default

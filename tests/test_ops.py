@@ -1,0 +1,274 @@
+"""Every backend of every fused operator against the float64 reference.
+
+Float32 must match tightly. For float16/bfloat16 we use the flash-attention
+rule: our error against float64 may be at most ~2x the error of the same
+maths written in plain PyTorch at that dtype (plus a rounding floor).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastdiff
+from fastdiff import reference as ref
+from fastdiff.ops._layout import canonical
+
+from _backends import all_backends
+
+BACKENDS = all_backends()
+SHAPES = [(3, 5, 7, 9), (1, 1, 1, 1), (2, 3, 5), (4, 3, 8, 8), (5, 7)]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+SCHED = fastdiff.NoiseSchedule.make("linear", 1000)
+ABAR = SCHED.alphas_cumprod
+
+
+def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout == "channels_last" and x.dim() == 4:
+        return x.contiguous(memory_format=torch.channels_last)
+    if layout == "noncontig":  # a strided view of a larger tensor
+        big = torch.zeros((x.shape[0], 2 * x.shape[1]) + x.shape[2:], dtype=x.dtype)
+        v = big[:, ::2]
+        v.copy_(x)
+        return v
+    return x
+
+
+def _t(n, gen, lo=0, hi=1000):
+    return torch.randint(lo, hi, (n,), generator=gen)
+
+
+def _check(out, ref64, ref_lowp, dtype, what=""):
+    out64 = out.detach().cpu().to(torch.float64)
+    assert out64.shape == ref64.shape, what
+    assert not torch.isnan(out64).any() or torch.isnan(ref64).any(), f"{what}: unexpected NaN"
+    scale = max(1.0, ref64.abs().max().item()) if ref64.numel() else 1.0
+    err = (out64 - ref64).abs().max().item() if ref64.numel() else 0.0
+    if dtype == torch.float32:
+        assert err <= 2e-5 * scale, f"{what}: fp32 error {err:.3g} (scale {scale:.3g})"
+    elif dtype == torch.float64:
+        assert err <= 1e-10 * scale, f"{what}: fp64 error {err:.3g}"
+    else:
+        lowp = (ref_lowp.to(torch.float64) - ref64).abs().max().item() if ref64.numel() else 0.0
+        floor = torch.finfo(dtype).eps * scale
+        assert err <= 2 * lowp + floor, f"{what}: {dtype} error {err:.3g} vs plain-torch {lowp:.3g}"
+
+
+def _skip_big(backend, shape):
+    if backend.small_only and torch.Size(shape).numel() > 2000:
+        pytest.skip("interpreted Triton: small shapes only")
+
+
+# ------------------------------------------------------------- q_sample ----
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "noncontig"])
+def test_q_sample_given_noise(backend, shape, dtype, layout):
+    _skip_big(backend, shape)
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.randn(shape, generator=g, dtype=torch.float64)
+    nz = torch.randn(shape, generator=g, dtype=torch.float64)
+    t = _t(shape[0], g)
+    xl, nl = _layout(x0.to(dtype), layout), _layout(nz.to(dtype), layout)
+    out = backend("q_sample", xl.to(backend.device), t.to(backend.device), ABAR.to(backend.device),
+                  nl.to(backend.device))
+    assert out.dtype == dtype and out.shape == x0.shape
+    r64 = ref.q_sample(xl.double(), t, ABAR, nl.double())
+    rlp = ref.q_sample(xl, t, ABAR, nl, compute_dtype=dtype)
+    _check(out, r64, rlp, dtype, "x_t")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "noncontig"])
+def test_q_sample_rng(backend, shape, dtype, layout):
+    _skip_big(backend, shape)
+    g = torch.Generator().manual_seed(2)
+    x0 = _layout(torch.randn(shape, generator=g).to(dtype), layout)
+    t = _t(shape[0], g)
+    key = torch.tensor([987654321012, 3], dtype=torch.int64)
+    d = backend.device
+    xt, nz = backend("q_sample_rng", x0.to(d), t.to(d), ABAR.to(d), key.to(d), True)
+    z64 = ref.noise_like(canonical(x0), key)
+    _check(nz, z64, z64.to(dtype), dtype, "noise")
+    r64 = ref.q_sample(x0.double(), t, ABAR, z64)
+    rlp = ref.q_sample(x0, t, ABAR, z64.to(dtype), compute_dtype=dtype)
+    _check(xt, r64, rlp, dtype, "x_t")
+    # without returning the noise: same x_t, empty noise
+    xt2, nz2 = backend("q_sample_rng", x0.to(d), t.to(d), ABAR.to(d), key.to(d), False)
+    assert nz2.numel() == 0
+    assert torch.equal(xt2.cpu(), xt.cpu())
+    # the output keeps the input's (canonical) layout
+    assert xt.stride() == canonical(x0).stride()
+
+
+# ----------------------------------------------------------------- loss ----
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(3, 5, 7, 9), (1, 1, 1, 1), (2, 3, 5)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("target", [0, 1, 2])
+@pytest.mark.parametrize("noise_mode", ["tensor", "key"])
+def test_diffusion_loss(backend, shape, dtype, target, noise_mode):
+    _skip_big(backend, shape)
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.randn(shape, generator=g).to(dtype)
+    out = torch.randn(shape, generator=g).to(dtype)
+    t = _t(shape[0], g)
+    w = torch.rand(shape[0], generator=g) + 0.5
+    key = torch.tensor([42, 1 << 40], dtype=torch.int64)
+    z = ref.noise_like(x0, key)
+    d = backend.device
+    noise = z.to(dtype).to(d) if noise_mode == "tensor" else None
+    k = key.to(d) if noise_mode == "key" else None
+    per, grad = backend("diffusion_loss", out.to(d), x0.to(d), t.to(d), ABAR.to(d), noise, k, w.to(d), target, True)
+    zz = z.to(dtype).double() if noise_mode == "tensor" else z
+    tname = ("epsilon", "sample", "v_prediction")[target]
+    per64, g64 = ref.diffusion_loss(out.double(), x0.double(), t, ABAR, zz, w, tname)
+    per_lp, g_lp = ref.diffusion_loss(out, x0, t, ABAR, zz.to(dtype), w, tname, compute_dtype=torch.float32
+                                      if dtype == torch.float32 else dtype)
+    assert per.dtype == torch.float32 and per.shape == (shape[0],)
+    torch.testing.assert_close(per.cpu().double(), per64, rtol=1e-4 if dtype == torch.float32 else 2e-2, atol=1e-6)
+    _check(grad, g64, g_lp, dtype, "grad")
+    per2, grad2 = backend("diffusion_loss", out.to(d), x0.to(d), t.to(d), ABAR.to(d), noise, k, w.to(d), target,
+                          False)
+    assert grad2.numel() == 0
+    torch.testing.assert_close(per2.cpu(), per.cpu())
+
+
+# ---------------------------------------------------------- reverse steps ---
+CLIPS = [("none", 0.0), ("clip", 1.0), ("clip2", 2.0), ("thresh", 0.0)]
+
+
+def _thresh(n, gen):
+    return (torch.rand(n, generator=gen) * 2 + 1).to(torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("pred", [0, 1, 2])
+@pytest.mark.parametrize("var", [0, 1, 2, 3, 4, 5])
+@pytest.mark.parametrize("clip", CLIPS, ids=[c[0] for c in CLIPS])
+@pytest.mark.parametrize("noise_mode", ["none", "tensor", "key"])
+def test_ddpm_step(backend, pred, var, clip, noise_mode):
+    shape = (4, 3, 5, 7)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(shape, generator=g)
+    o = torch.randn(shape, generator=g)
+    mv = (torch.rand(shape, generator=g) * 2 - 1) if var == 5 else (torch.rand(shape, generator=g) * 0.02 + 1e-4)
+    mv = mv if var >= 4 else None
+    t = torch.tensor([0, 1, 500, 999])
+    tp = torch.tensor([-1, 0, 480, 979])  # a respaced chain, and the final step
+    th = _thresh(4, g) if clip[0] == "thresh" else None
+    key = torch.tensor([7, 9], dtype=torch.int64)
+    z = ref.noise_like(x, key)
+    d = backend.device
+    nz = z.float().to(d) if noise_mode == "tensor" else None
+    k = key.to(d) if noise_mode == "key" else None
+    prev, x0 = backend("ddpm_step", o.to(d), x.to(d), t.to(d), tp.to(d), ABAR.to(d),
+                       None if mv is None else mv.to(d), nz, k, None if th is None else th.to(d), pred, var, clip[1])
+    zr = None if noise_mode == "none" else (z.float().double() if noise_mode == "tensor" else z)
+    vname = ref.VARIANCE_TYPES[var]
+    p64, x064 = ref.ddpm_step(o.double(), x.double(), t, tp, ABAR, noise=zr,
+                              model_var=None if mv is None else mv.double(),
+                              prediction_type=ref.PREDICTION_TYPES[pred], variance_type=vname,
+                              clip_range=clip[1], thresh=th)
+    _check(x0, x064, x064, torch.float32, "pred_original_sample")
+    _check(prev, p64, p64, torch.float32, "prev_sample")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_ddpm_step_low_precision(backend, dtype):
+    shape = (3, 5, 7, 9)
+    _skip_big(backend, shape)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(shape, generator=g).to(dtype)
+    o = torch.randn(shape, generator=g).to(dtype)
+    nz = torch.randn(shape, generator=g).to(dtype)
+    t = torch.tensor([3, 400, 999])
+    tp = t - 1
+    d = backend.device
+    prev, x0 = backend("ddpm_step", o.to(d), x.to(d), t.to(d), tp.to(d), ABAR.to(d), None, nz.to(d), None, None, 0,
+                       0, 1.0)
+    p64, x064 = ref.ddpm_step(o.double(), x.double(), t, tp, ABAR, noise=nz.double(), clip_range=1.0)
+    # plain bf16/fp16 maths is NaN here (abar_3 rounds to 1 and 1 - abar_t to 0), so the
+    # baseline is PyTorch upcasting to float32 and rounding once: a stricter bar.
+    plp, x0lp = ref.ddpm_step(o, x, t, tp, ABAR, noise=nz, clip_range=1.0, compute_dtype=torch.float32)
+    _check(prev, p64, plp, dtype, "prev_sample")
+    _check(x0, x064, x0lp, dtype, "pred_original_sample")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("pred", [0, 1, 2])
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("clip", CLIPS, ids=[c[0] for c in CLIPS])
+@pytest.mark.parametrize("use_clipped", [False, True])
+@pytest.mark.parametrize("final", [1.0, 0.9999])
+def test_ddim_step(backend, pred, eta, clip, use_clipped, final):
+    shape = (4, 3, 5, 7)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(shape, generator=g)
+    o = torch.randn(shape, generator=g)
+    t = torch.tensor([20, 1, 500, 999])
+    tp = torch.tensor([-1, 0, 480, 979])
+    th = _thresh(4, g) if clip[0] == "thresh" else None
+    key = torch.tensor([11, 0], dtype=torch.int64)
+    z = ref.noise_like(x, key)
+    d = backend.device
+    prev, x0 = backend("ddim_step", o.to(d), x.to(d), t.to(d), tp.to(d), ABAR.to(d), None, key.to(d),
+                       None if th is None else th.to(d), pred, clip[1], eta, final, use_clipped)
+    p64, x064 = ref.ddim_step(o.double(), x.double(), t, tp, ABAR, noise=z, eta=eta,
+                              prediction_type=ref.PREDICTION_TYPES[pred], clip_range=clip[1], thresh=th,
+                              final_alpha_cumprod=final, use_clipped_model_output=use_clipped)
+    _check(x0, x064, x064, torch.float32, "pred_original_sample")
+    _check(prev, p64, p64, torch.float32, "prev_sample")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_out_of_range_t_gives_nan_not_a_crash(backend):
+    """Timesteps already on the device are not checked on the host; the
+    kernels turn an out-of-range t into NaN for that sample only."""
+    d = backend.device
+    x = torch.randn(3, 2, 4).to(d)
+    t = torch.tensor([5, 1000, -3]).to(d)
+    a = ABAR.to(d)
+    out = backend("q_sample", x, t, a, x).cpu()
+    assert torch.isfinite(out[0]).all() and torch.isnan(out[1]).all() and torch.isnan(out[2]).all()
+    per, grad = backend("diffusion_loss", x, x, t, a, x, None, torch.ones(3, device=d), 0, True)
+    assert torch.isfinite(per[0]) and torch.isnan(per[1:].cpu()).all()
+    prev, x0 = backend("ddpm_step", x, x, t, t - 1, a, None, None, None, None, 0, 0, 0.0)
+    assert torch.isfinite(prev[0].cpu()).all() and torch.isnan(prev[1:].cpu()).all()
+    prev, x0 = backend("ddim_step", x, x, t, t - 1, a, None, None, None, 0, 0.0, 0.0, 1.0, False)
+    assert torch.isnan(x0[1:].cpu()).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch(backend):
+    d = backend.device
+    x = torch.randn(0, 3, 4).to(d)
+    t = torch.zeros(0, dtype=torch.int64).to(d)
+    a = ABAR.to(d)
+    assert backend("q_sample", x, t, a, x).shape == x.shape
+    per, grad = backend("diffusion_loss", x, x, t, a, x, None, torch.ones(0, device=d), 0, True)
+    assert per.shape == (0,) and grad.shape == x.shape
+    prev, x0 = backend("ddpm_step", x, x, t, t - 1, a, None, None, None, None, 0, 0, 0.0)
+    assert prev.shape == x.shape
+
+
+def test_nan_input_propagates():
+    """NaN in the data propagates elementwise (documented; inputs are not scanned)."""
+    x = torch.randn(2, 3, 4)
+    x[0, 1, 2] = float("nan")
+    xt, _ = fastdiff.q_sample(x, torch.tensor([3, 4]), SCHED, torch.randn(2, 3, 4))
+    assert torch.isnan(xt[0, 1, 2]) and torch.isfinite(xt[1]).all() and torch.isnan(xt).sum() == 1
+
+
+def test_float64_cpu_matches_reference():
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(3, 4, 5, generator=g, dtype=torch.float64)
+    o = torch.randn(3, 4, 5, generator=g, dtype=torch.float64)
+    n = torch.randn(3, 4, 5, generator=g, dtype=torch.float64)
+    t = torch.tensor([1, 10, 999])
+    prev, x0 = fastdiff.ddpm_step(o, t, x, SCHED, noise=n, variance_type="fixed_large")
+    p64, _ = ref.ddpm_step(o, x, t, t - 1, ABAR, noise=n, variance_type="fixed_large")
+    torch.testing.assert_close(prev, p64, rtol=1e-12, atol=1e-12)
