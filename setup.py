@@ -75,7 +75,7 @@ def extensions():
     with_cuda = want_cuda(cuda_home)
     sources = ["csrc/module.cpp"] + sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.cpp"))
     torch_ver = torch.__version__.split("+")[0]
-    cxx = ["-O3", "-fopenmp", f'-DFASTDIFF_TORCH_VERSION="{torch_ver}"']
+    cxx = ["-O3", "-fno-math-errno", "-fopenmp", f'-DFASTDIFF_TORCH_VERSION="{torch_ver}"']
     link = ["-fopenmp"]
     if with_cuda:
         archs = os.environ.get("FASTDIFF_CUDA_ARCH") or os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCHS

@@ -16,121 +16,13 @@
 #include <vector>
 
 #include "../host.h"
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(FASTDIFF_NO_TARGET_CLONES)
-// One AVX2+FMA clone chosen at load time, the baseline clone elsewhere: a
-// 3-4x faster noise generator without tying the build to the build machine.
-#define FD_CLONES __attribute__((target_clones("arch=haswell", "default")))
-#else
-#define FD_CLONES
-#endif
+#include "noise_cpu.h"
 
 namespace fastdiff {
 namespace {
 
+using cpu_noise::fill_normal;
 constexpr int64_t kChunk = 16384;  // elements per parallel work item (within one sample)
-constexpr int kGroups = 64;        // Philox groups generated per inner block (256 normals)
-
-inline float bits_to_float(uint32_t b) {
-  float f;
-  std::memcpy(&f, &b, 4);
-  return f;
-}
-inline uint32_t float_to_bits(float f) {
-  uint32_t b;
-  std::memcpy(&b, &f, 4);
-  return b;
-}
-
-// ln(u) for u in [2^-33, 1]: exponent split, mantissa folded into
-// [sqrt(1/2), sqrt(2)), then 2 atanh(s) as a series (|s| <= 0.1716, error < 1e-9).
-inline float log_unit(float u) {
-  const uint32_t bits = float_to_bits(u);
-  int32_t e = static_cast<int32_t>(bits >> 23) - 127;
-  float m = bits_to_float((bits & 0x007FFFFFu) | 0x3F800000u);  // [1, 2)
-  const bool big = m > 1.41421356f;
-  m = big ? m * 0.5f : m;
-  e = big ? e + 1 : e;
-  const float s = (m - 1.0f) / (m + 1.0f);
-  const float s2 = s * s;
-  const float p = 1.0f + s2 * (1.0f / 3 + s2 * (1.0f / 5 + s2 * (1.0f / 7 + s2 * (1.0f / 9))));
-  return static_cast<float>(e) * 0.69314718f + 2.0f * s * p;
-}
-
-// sin and cos of 2*pi*v for v in [0, 1): nearest quadrant, then Taylor
-// polynomials on [-pi/4, pi/4] (truncation error < 2e-9).
-inline void sincos_2pi(float v, float& s_out, float& c_out) {
-  const float x = v * 4.0f;
-  const float qf = std::nearbyint(x);
-  const float p = (x - qf) * 1.57079633f;
-  const int q = static_cast<int>(qf) & 3;
-  const float p2 = p * p;
-  const float sp =
-      p * (1.0f + p2 * (-1.0f / 6 + p2 * (1.0f / 120 + p2 * (-1.0f / 5040 + p2 * (1.0f / 362880)))));
-  const float cp =
-      1.0f + p2 * (-0.5f + p2 * (1.0f / 24 + p2 * (-1.0f / 720 + p2 * (1.0f / 40320 + p2 * (-1.0f / 3628800)))));
-  const bool swap = q & 1;
-  const float s = swap ? cp : sp;
-  const float c = swap ? sp : cp;
-  s_out = (q & 2) ? -s : s;
-  c_out = ((q + 1) & 2) ? -c : c;
-}
-
-// Normals 4*g0 .. 4*g0 + 4*G - 1 of the stream into z (G <= kGroups).
-FD_CLONES void normal_block(const PhiloxKey k, uint64_t g0, int G, float* z) {
-  uint32_t c0[kGroups], c1[kGroups], c2[kGroups], c3[kGroups];
-  for (int i = 0; i < G; ++i) {
-    const uint64_t g = g0 + static_cast<uint64_t>(i);
-    c0[i] = static_cast<uint32_t>(g);
-    c1[i] = static_cast<uint32_t>(g >> 32);
-    c2[i] = k.o_lo;
-    c3[i] = k.o_hi;
-  }
-  uint32_t k0 = k.s_lo, k1 = k.s_hi;
-  for (int r = 0; r < 10; ++r) {
-    for (int i = 0; i < G; ++i) {
-      const uint64_t p0 = static_cast<uint64_t>(0xD2511F53u) * c0[i];
-      const uint64_t p1 = static_cast<uint64_t>(0xCD9E8D57u) * c2[i];
-      const uint32_t n0 = static_cast<uint32_t>(p1 >> 32) ^ c1[i] ^ k0;
-      const uint32_t n2 = static_cast<uint32_t>(p0 >> 32) ^ c3[i] ^ k1;
-      c1[i] = static_cast<uint32_t>(p1);
-      c3[i] = static_cast<uint32_t>(p0);
-      c0[i] = n0;
-      c2[i] = n2;
-    }
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
-  }
-  for (int i = 0; i < G; ++i) {
-    const float ua = static_cast<float>(c0[i]) * 2.3283064365386963e-10f + 1.1641532182693481e-10f;
-    const float ub = static_cast<float>(c2[i]) * 2.3283064365386963e-10f + 1.1641532182693481e-10f;
-    const float ra = std::sqrt(-2.0f * log_unit(ua));
-    const float rb = std::sqrt(-2.0f * log_unit(ub));
-    float sa, ca, sb, cb;
-    sincos_2pi(static_cast<float>(c1[i]) * 2.3283064365386963e-10f, sa, ca);
-    sincos_2pi(static_cast<float>(c3[i]) * 2.3283064365386963e-10f, sb, cb);
-    z[4 * i + 0] = ra * ca;
-    z[4 * i + 1] = ra * sa;
-    z[4 * i + 2] = rb * cb;
-    z[4 * i + 3] = rb * sb;
-  }
-}
-
-// Normals for stream positions [start, start + n) into out (n <= kChunk).
-void fill_normal(const PhiloxKey& k, uint64_t start, int64_t n, float* out) {
-  float z[4 * kGroups];
-  uint64_t pos = start;
-  const uint64_t end = start + static_cast<uint64_t>(n);
-  while (pos < end) {
-    const uint64_t g0 = pos / 4;
-    const uint64_t groups_left = (end - g0 * 4 + 3) / 4;
-    const int G = static_cast<int>(std::min<uint64_t>(groups_left, kGroups));
-    normal_block(k, g0, G, z);
-    const uint64_t blk_end = std::min<uint64_t>(end, (g0 + G) * 4);
-    for (uint64_t p = pos; p < blk_end; ++p) out[p - start] = z[p - g0 * 4];
-    pos = blk_end;
-  }
-}
 
 PhiloxKey read_key(const at::Tensor& key) {
   const int64_t* kp = key.data_ptr<int64_t>();

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Creates .venv (if missing), installs the dependencies and builds fastdiff
+# in place. Idempotent: a second run only rebuilds what changed.
+#   FASTDIFF_BUILD_CUDA=auto|0|1   build the CUDA kernels (auto: when nvcc is found)
+#   FASTDIFF_CUDA_ARCH="9.0"       arch list (default 8.0;8.6;8.9;9.0+PTX)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+. .venv/bin/activate
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+if ! python -c "import torch, triton, numpy, ninja, pybind11, diffusers, hypothesis, scipy, pytest_benchmark" 2>/dev/null; then
+  echo "== installing dependencies (torch ~80 s)"
+  python -m pip install -q "setuptools>=64" wheel
+  python -m pip install -q "torch==2.14.1" triton numpy ninja pybind11 tqdm pillow safetensors \
+    pytest pytest-benchmark hypothesis scipy diffusers expecttest matplotlib
+fi
+echo "== building fastdiff (C++ CPU kernels; CUDA kernels when a toolkit is found)"
+export MAX_JOBS=${MAX_JOBS:-2}
+python -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -n 20
+python -c "import fastdiff; fastdiff.info()"
