@@ -1,0 +1,103 @@
+"""The fused diffusion training loss in Triton: per-sample weighted MSE of the
+model output against the epsilon / x0 / v target, and its gradient.
+
+Deterministic reduction: every program walks a chunk of TILES tiles of one
+sample, keeps per-lane sums of squares in registers, and writes
+``w_n / M * sum`` (float64) into a workspace [N, chunks]; the per-sample loss
+is then a torch ``.sum(1)`` over that workspace (no atomics, the same result
+run to run). With one chunk per sample the kernel writes the loss directly.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _common as C
+from ._layout import canonical, match_layout, per_sample
+from ._philox import tile_normals
+
+
+@triton.jit
+def _loss_kernel(out_ptr, x_ptr, noise_ptr, key_ptr, t_ptr, abar_ptr, w_ptr, grad_ptr, ws_ptr,
+                 M, chunks, T,
+                 TARGET: tl.constexpr, NOISE_FROM_KEY: tl.constexpr, NEED_GRAD: tl.constexpr, ACC: tl.constexpr,
+                 BLOCK: tl.constexpr, TILES: tl.constexpr, ALIGNED: tl.constexpr, I64: tl.constexpr):
+    pid = tl.program_id(0)
+    n, start, lo, hi = C.chunk_of(pid, chunks, M, BLOCK * TILES, ALIGNED, I64)
+    t = tl.load(t_ptr + n)
+    valid = (t >= 0) & (t < T)
+    ab = tl.load(abar_ptr + tl.where(valid, t, 0))
+    a = tl.sqrt(ab).to(ACC)
+    b = tl.sqrt(1.0 - ab).to(ACC)
+    poison = tl.where(valid, 0.0, float("nan")).to(ACC)  # invalid t: NaN loss and gradient
+    w_over_m = tl.load(w_ptr + n).to(tl.float64) / M
+    gscale = (2.0 * w_over_m).to(ACC)
+
+    acc = tl.zeros([BLOCK], dtype=ACC)  # per-lane sums of squares over the chunk's tiles
+    for i in range(TILES):
+        tstart = start + i * BLOCK
+        offs, mask = C.tile_at(tstart, lo, hi, BLOCK, ALIGNED)
+        mo = tl.load(out_ptr + offs, mask=mask, other=0.0).to(ACC)
+        if TARGET == 1:  # sample
+            tgt = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+        else:
+            if NOISE_FROM_KEY:
+                eps = tile_normals(key_ptr, tstart, BLOCK).to(ACC)
+            else:
+                eps = tl.load(noise_ptr + offs, mask=mask, other=0.0).to(ACC)
+            if TARGET == 0:  # epsilon
+                tgt = eps
+            else:  # v_prediction: sqrt(abar) eps - sqrt(1 - abar) x0
+                x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+                tgt = a * eps - b * x
+        d = mo - tgt + poison
+        if NEED_GRAD:
+            tl.store(grad_ptr + offs, (gscale * d).to(grad_ptr.dtype.element_ty), mask=mask)
+        d = tl.where(mask, d, 0.0)
+        acc += d * d
+    # w_n / M * (this chunk's sum of squares), in float64: the loss is ws.sum(1)
+    # (with one chunk per sample, ws is the loss itself, in the loss dtype)
+    part = w_over_m * tl.sum(acc.to(tl.float64), axis=0)
+    tl.store(ws_ptr + pid, part.to(ws_ptr.dtype.element_ty))
+
+
+def diffusion_loss(model_output: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor,
+                   noise, key, weight: torch.Tensor, target: int, need_grad: bool):
+    """Schema ``diffusion_loss(model_output, x0, t, alphas_cumprod, noise?, key?, weight, target, need_grad)
+    -> (per_sample, grad or empty)``; per_sample is float32 (float64 for float64 inputs)."""
+    C.check_common(x0, "x0", t, alphas_cumprod)
+    C.check_like(model_output, x0, "model_output", "x0")
+    C.check_per_sample_f32(weight, x0, "weight")
+    if (noise is None) == (key is None):
+        raise RuntimeError("fastdiff: diffusion_loss needs exactly one of noise, key")
+    target = int(target)
+    if target not in (0, 1, 2):
+        raise RuntimeError(f"fastdiff: target code must be 0, 1 or 2, got {target}")
+    x = canonical(x0)
+    mo = match_layout(model_output, x)
+    if noise is not None:
+        C.check_like(noise, x0, "noise", "x0")
+        noise = match_layout(noise, x)
+    else:
+        C.check_key(key, x0)
+        key = key.contiguous()
+    N, M = x.size(0), per_sample(x)
+    loss_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    grad = torch.empty_like(x) if need_grad else C.empty(x.dtype, x.device)
+    if x.numel() == 0:
+        return torch.zeros(N, dtype=loss_dtype, device=x.device), grad
+    tiling = C.tiling("loss", N, M)
+    if tiling.chunks == 1:
+        ws = torch.empty(N, dtype=loss_dtype, device=x.device)
+    else:
+        ws = torch.empty(N, tiling.chunks, dtype=torch.float64, device=x.device)
+    from_key = key is not None
+    _loss_kernel[tiling.grid](
+        mo, x, x if from_key else noise, key if from_key else t, t.contiguous(), alphas_cumprod.contiguous(),
+        weight.contiguous(), grad if need_grad else x, ws,
+        M, tiling.chunks, alphas_cumprod.size(0),
+        TARGET=target, NOISE_FROM_KEY=from_key, NEED_GRAD=bool(need_grad), ACC=C.acc_dtype(x.dtype),
+        **tiling.meta_tiles)
+    per = ws if tiling.chunks == 1 else ws.sum(1).to(loss_dtype)
+    return per, grad

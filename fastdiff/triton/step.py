@@ -1,0 +1,216 @@
+"""The reverse-diffusion steps in Triton: ancestral DDPM and DDIM.
+
+Per-sample coefficients are computed once per program in float64 exactly as
+csrc/common.h (ddpm_coef / ddim_coef); per element the maths runs in float32
+(float64 for float64 tensors). A sample whose t / t_prev is out of range
+(t not in [0, T), t_prev not in [-1, T), or t_prev >= t) gets NaN outputs and
+no out-of-range table read.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _common as C
+from ._layout import canonical, match_layout, per_sample
+from ._philox import tile_normals
+
+# noise sources (constexpr)
+_NO_NOISE, _NOISE_TENSOR, _NOISE_KEY = 0, 1, 2
+
+
+@triton.jit
+def _load_pair(t_ptr, tp_ptr, abar_ptr, n, T, final_ab):
+    """(t, valid, abar_t, abar_prev) in float64; abar_prev = final_ab at t_prev = -1."""
+    t = tl.load(t_ptr + n)
+    tp = tl.load(tp_ptr + n)
+    valid = (t >= 0) & (t < T) & (tp >= -1) & (tp < T) & (tp < t)
+    ab_t = tl.load(abar_ptr + tl.where(valid, t, 0))
+    ab_p = tl.load(abar_ptr + tl.where(valid & (tp >= 0), tp, 0))
+    ab_p = tl.where(tp >= 0, ab_p, final_ab)
+    return t, valid, ab_t, ab_p
+
+
+@triton.jit
+def _noise_tile(noise_ptr, key_ptr, start, offs, mask, NOISE: tl.constexpr, BLOCK: tl.constexpr,
+                ACC: tl.constexpr):
+    if NOISE == 2:
+        z = tile_normals(key_ptr, start, BLOCK).to(ACC)
+    else:
+        z = tl.load(noise_ptr + offs, mask=mask, other=0.0).to(ACC)
+    return z
+
+
+@triton.jit(do_not_specialize=["clip_bits"])
+def _ddpm_kernel(mo_ptr, x_ptr, var_ptr, noise_ptr, key_ptr, thresh_ptr, t_ptr, tp_ptr, abar_ptr,
+                 prev_ptr, x0_ptr, M, chunks, T, clip_bits,
+                 PRED: tl.constexpr, VAR: tl.constexpr, NOISE: tl.constexpr, HAS_THRESH: tl.constexpr,
+                 CLIP: tl.constexpr, ACC: tl.constexpr,
+                 BLOCK: tl.constexpr, ALIGNED: tl.constexpr, I64: tl.constexpr):
+    n, start, offs, mask = C.tile_of(tl.program_id(0), chunks, M, BLOCK, ALIGNED, I64)
+    t, valid, ab_t, ab_p = _load_pair(t_ptr, tp_ptr, abar_ptr, n, T, 1.0)
+    # common.h ddpm_coef, float64
+    beta = 1.0 - ab_t / ab_p  # beta'_t, exact for respaced chains
+    sab = tl.sqrt(ab_t).to(ACC)
+    s1m = tl.sqrt(1.0 - ab_t).to(ACC)
+    cx0 = (tl.sqrt(ab_p) * beta / (1.0 - ab_t)).to(ACC)
+    cxt = (tl.sqrt(1.0 - beta) * (1.0 - ab_p) / (1.0 - ab_t)).to(ACC)
+    small = (1.0 - ab_p) / (1.0 - ab_t) * beta
+    small = tl.where(small < 1e-20, 1e-20, small)
+    clip = C.f64_from_bits(clip_bits).to(ACC)
+    if HAS_THRESH:
+        s = tl.load(thresh_ptr + n).to(ACC)
+    else:
+        s = clip  # unused
+
+    mo = tl.load(mo_ptr + offs, mask=mask, other=0.0).to(ACC)
+    xv = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+    x0 = C.clip_x0(C.predict_x0(mo, xv, sab, s1m, PRED), clip, s, HAS_THRESH, CLIP)
+    r = cx0 * x0 + cxt * xv
+    if NOISE != 0:
+        z = _noise_tile(noise_ptr, key_ptr, start, offs, mask, NOISE, BLOCK, ACC)
+        if VAR == 4:  # learned: model_var is the variance
+            mv = tl.load(var_ptr + offs, mask=mask, other=1.0).to(ACC)
+            sd = C.sqrt_acc(mv)
+        elif VAR == 5:  # learned_range: log-variance between log beta_tilde and log beta'
+            mv = tl.load(var_ptr + offs, mask=mask, other=0.0).to(ACC)
+            log_small = tl.log(small).to(ACC)
+            log_large = tl.log(beta).to(ACC)
+            frac = (mv + 1.0) * 0.5
+            sd = tl.exp(0.5 * (frac * log_large + (1.0 - frac) * log_small))
+        elif VAR == 2 or VAR == 3:  # fixed_large(_log)
+            sd = tl.sqrt(beta).to(ACC)
+        else:  # fixed_small(_log)
+            sd = tl.sqrt(small).to(ACC)
+        r = tl.where(t > 0, r + sd * z, r)  # no noise on the last step
+    nan = float("nan")
+    tl.store(prev_ptr + offs, tl.where(valid, r, nan).to(prev_ptr.dtype.element_ty), mask=mask)
+    tl.store(x0_ptr + offs, tl.where(valid, x0, nan).to(x0_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["clip_bits", "eta_bits", "final_bits"])
+def _ddim_kernel(mo_ptr, x_ptr, noise_ptr, key_ptr, thresh_ptr, t_ptr, tp_ptr, abar_ptr,
+                 prev_ptr, x0_ptr, M, chunks, T, clip_bits, eta_bits, final_bits,
+                 PRED: tl.constexpr, NOISE: tl.constexpr, HAS_THRESH: tl.constexpr, CLIP: tl.constexpr,
+                 USE_CLIPPED: tl.constexpr, ACC: tl.constexpr,
+                 BLOCK: tl.constexpr, ALIGNED: tl.constexpr, I64: tl.constexpr):
+    n, start, offs, mask = C.tile_of(tl.program_id(0), chunks, M, BLOCK, ALIGNED, I64)
+    eta = C.f64_from_bits(eta_bits)
+    final_ab = C.f64_from_bits(final_bits)
+    t, valid, ab_t, ab_p = _load_pair(t_ptr, tp_ptr, abar_ptr, n, T, final_ab)
+    # common.h ddim_coef, float64
+    var = (1.0 - ab_p) / (1.0 - ab_t) * (1.0 - ab_t / ab_p)
+    std64 = eta * tl.sqrt(tl.where(var > 0.0, var, 0.0))
+    dd = 1.0 - ab_p - std64 * std64
+    sab = tl.sqrt(ab_t).to(ACC)
+    s1m = tl.sqrt(1.0 - ab_t).to(ACC)
+    cx0 = tl.sqrt(ab_p).to(ACC)
+    cxt = tl.sqrt(tl.where(dd > 0.0, dd, 0.0)).to(ACC)  # coefficient of eps
+    std = std64.to(ACC)
+    clip = C.f64_from_bits(clip_bits).to(ACC)
+    if HAS_THRESH:
+        s = tl.load(thresh_ptr + n).to(ACC)
+    else:
+        s = clip  # unused
+
+    mo = tl.load(mo_ptr + offs, mask=mask, other=0.0).to(ACC)
+    xv = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+    x0 = C.clip_x0(C.predict_x0(mo, xv, sab, s1m, PRED), clip, s, HAS_THRESH, CLIP)
+    if USE_CLIPPED:
+        eps = (xv - sab * x0) / s1m
+    elif PRED == 0:
+        eps = mo
+    elif PRED == 1:
+        eps = (xv - sab * mo) / s1m
+    else:
+        eps = sab * mo + s1m * xv
+    r = cx0 * x0 + cxt * eps
+    if NOISE != 0:  # only when eta > 0 (host-side)
+        z = _noise_tile(noise_ptr, key_ptr, start, offs, mask, NOISE, BLOCK, ACC)
+        r = r + std * z
+    nan = float("nan")
+    tl.store(prev_ptr + offs, tl.where(valid, r, nan).to(prev_ptr.dtype.element_ty), mask=mask)
+    tl.store(x0_ptr + offs, tl.where(valid, x0, nan).to(x0_ptr.dtype.element_ty), mask=mask)
+
+
+def _prepare(model_output, sample, t, t_prev, abar, model_var, noise, key, thresh, prediction_type):
+    """host.h prepare_step: checks, then every tensor in the sample's canonical layout."""
+    C.check_common(sample, "sample", t, abar)
+    C.check_like(model_output, sample, "model_output", "sample")
+    if t_prev.shape != t.shape or t_prev.dtype != torch.int64 or t_prev.device != t.device:
+        raise RuntimeError("fastdiff: t_prev must be an int64 tensor like t")
+    pred = int(prediction_type)
+    if pred not in (0, 1, 2):
+        raise RuntimeError(f"fastdiff: prediction_type code must be 0, 1 or 2, got {pred}")
+    if noise is not None and key is not None:
+        raise RuntimeError("fastdiff: pass noise or key, not both")
+    x = canonical(sample)
+    mo = match_layout(model_output, x)
+    if model_var is not None:
+        C.check_like(model_var, sample, "model_var", "sample")
+        model_var = match_layout(model_var, x)
+    if noise is not None:
+        C.check_like(noise, sample, "noise", "sample")
+        noise = match_layout(noise, x)
+    if key is not None:
+        C.check_key(key, sample)
+        key = key.contiguous()
+    if thresh is not None:
+        C.check_per_sample_f32(thresh, sample, "thresh")
+        thresh = thresh.contiguous()
+    return x, mo, model_var, noise, key, thresh, pred
+
+
+def _noise_mode(noise, key):
+    return _NOISE_KEY if key is not None else (_NOISE_TENSOR if noise is not None else _NO_NOISE)
+
+
+def ddpm_step(model_output, sample, t, t_prev, alphas_cumprod, model_var, noise, key, thresh, prediction_type,
+              variance_type, clip_range):
+    """Schema ``ddpm_step(model_output, sample, t, t_prev, alphas_cumprod, model_var?, noise?, key?, thresh?,
+    prediction_type, variance_type, clip_range) -> (prev_sample, pred_original_sample)``."""
+    var_type = int(variance_type)
+    if not 0 <= var_type <= 5:
+        raise RuntimeError(f"fastdiff: variance_type code must be in 0..5, got {var_type}")
+    if var_type >= 4 and model_var is None:
+        raise RuntimeError("fastdiff: learned variance types need model_var")
+    x, mo, mv, noise, key, thresh, pred = _prepare(model_output, sample, t, t_prev, alphas_cumprod, model_var,
+                                                   noise, key, thresh, prediction_type)
+    prev, x0 = torch.empty_like(x), torch.empty_like(x)
+    if x.numel() == 0:
+        return prev, x0
+    tiling = C.tiling("step", x.size(0), per_sample(x))
+    mode = _noise_mode(noise, key)
+    _ddpm_kernel[tiling.grid](
+        mo, x, mv if mv is not None else x, noise if noise is not None else x, key if key is not None else t,
+        thresh if thresh is not None else t, t.contiguous(), t_prev.contiguous(), alphas_cumprod.contiguous(),
+        prev, x0, tiling.M, tiling.chunks, alphas_cumprod.size(0), C.f64_bits(clip_range),
+        PRED=pred, VAR=var_type, NOISE=mode, HAS_THRESH=thresh is not None, CLIP=float(clip_range) > 0.0,
+        ACC=C.acc_dtype(x.dtype), **tiling.meta)
+    return prev, x0
+
+
+def ddim_step(model_output, sample, t, t_prev, alphas_cumprod, noise, key, thresh, prediction_type, clip_range,
+              eta, final_alpha_cumprod, use_clipped_model_output):
+    """Schema ``ddim_step(model_output, sample, t, t_prev, alphas_cumprod, noise?, key?, thresh?,
+    prediction_type, clip_range, eta, final_alpha_cumprod, use_clipped_model_output)
+    -> (prev_sample, pred_original_sample)``."""
+    eta = float(eta)
+    if not eta >= 0.0:
+        raise RuntimeError(f"fastdiff: eta must be >= 0, got {eta}")
+    x, mo, _, noise, key, thresh, pred = _prepare(model_output, sample, t, t_prev, alphas_cumprod, None, noise,
+                                                  key, thresh, prediction_type)
+    prev, x0 = torch.empty_like(x), torch.empty_like(x)
+    if x.numel() == 0:
+        return prev, x0
+    tiling = C.tiling("step", x.size(0), per_sample(x))
+    mode = _noise_mode(noise, key) if eta > 0.0 else _NO_NOISE
+    _ddim_kernel[tiling.grid](
+        mo, x, noise if noise is not None else x, key if key is not None else t,
+        thresh if thresh is not None else t, t.contiguous(), t_prev.contiguous(), alphas_cumprod.contiguous(),
+        prev, x0, tiling.M, tiling.chunks, alphas_cumprod.size(0),
+        C.f64_bits(clip_range), C.f64_bits(eta), C.f64_bits(final_alpha_cumprod),
+        PRED=pred, NOISE=mode, HAS_THRESH=thresh is not None, CLIP=float(clip_range) > 0.0,
+        USE_CLIPPED=bool(use_clipped_model_output), ACC=C.acc_dtype(x.dtype), **tiling.meta)
+    return prev, x0
