@@ -279,3 +279,33 @@ def test_fuzz_against_reference(case):
     p64, _ = ref.ddim_step(out.double(), x0.double(), tt, tt - 1, s.alphas_cumprod, noise=z, eta=0.7,
                            prediction_type="v_prediction")
     assert (prev.double() - p64).abs().max() <= tol * (1 + p64.abs().max())
+
+
+def test_import_without_extension_falls_back_and_warns_once():
+    """With the compiled extension unavailable, fastdiff still imports, says
+    so once, and runs the ops with the reference kernels on CPU."""
+    import subprocess
+    import sys
+
+    code = (
+        "import warnings, torch\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import fastdiff\n"
+        "    import fastdiff.ops\n"
+        "msgs = [str(x.message) for x in w if 'fastdiff._C' in str(x.message)]\n"
+        "assert len(msgs) == 1, msgs\n"
+        "s = fastdiff.NoiseSchedule.make('linear', 10)\n"
+        "x = torch.randn(2, 3)\n"
+        "xt, n = fastdiff.q_sample(x, torch.tensor([1, 2]), s, key=torch.tensor([1, 2]))\n"
+        "from fastdiff.reference import noise_like\n"
+        "assert torch.allclose(n.double(), noise_like(x, torch.tensor([1, 2])), atol=1e-6)\n"
+        "d = fastdiff.info(as_dict=True)\n"
+        "assert d['backends']['q_sample']['cpu'] == 'reference', d\n"
+        "print('ok')\n"
+    )
+    import os
+
+    env = dict(os.environ, FASTDIFF_DISABLE_EXTENSION="1")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]

@@ -34,7 +34,10 @@ template <typename F>
 void for_each_chunk(int64_t N, int64_t M, const F& f) {
   if (N == 0 || M == 0) return;
   const int64_t per = (M + kChunk - 1) / kChunk;
-  at::parallel_for(0, N * per, 1, [&](int64_t b, int64_t e) {
+  // at least ~64K elements per thread: small tensors stay on the calling
+  // thread instead of waking the pool for microseconds of work
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::min(M, kChunk));
+  at::parallel_for(0, N * per, grain, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
       const int64_t n = i / per, c = i % per;
       const int64_t lo = c * kChunk;

@@ -38,11 +38,12 @@ def _load_extension():
     global _C, _C_ERROR
     if os.environ.get("FASTDIFF_DISABLE_EXTENSION") == "1":
         _C_ERROR = "disabled by FASTDIFF_DISABLE_EXTENSION=1"
-        return
-    try:
-        _C = importlib.import_module("fastdiff._C")
-    except Exception as e:  # ImportError, or an undefined symbol from an ABI mismatch
-        _C_ERROR = f"{type(e).__name__}: {e}"
+    else:
+        try:
+            _C = importlib.import_module("fastdiff._C")
+        except Exception as e:  # ImportError, or an undefined symbol from an ABI mismatch
+            _C_ERROR = f"{type(e).__name__}: {e}"
+    if _C is None:
         warnings.warn(
             "fastdiff: the compiled extension fastdiff._C could not be loaded "
             f"({_C_ERROR}); using the Triton kernels on GPU and the reference "
