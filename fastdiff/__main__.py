@@ -1,0 +1,6 @@
+"""``python -m fastdiff`` = the ``fastdiff`` command."""
+import sys
+
+from .cli import main
+
+sys.exit(main())
