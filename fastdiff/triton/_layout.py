@@ -12,30 +12,7 @@ from __future__ import annotations
 import torch
 
 
-def is_non_overlapping_and_dense(x: torch.Tensor) -> bool:
-    """ATen's TensorImpl::is_non_overlapping_and_dense: the elements fill one
-    block of memory exactly once, in some order of the dimensions."""
-    if x.numel() <= 1 or x.is_contiguous():
-        return True
-    expected = 1
-    for stride, size in sorted((st, sz) for sz, st in zip(x.shape, x.stride()) if sz != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
-def is_batch_major_dense(x: torch.Tensor) -> bool:
-    if not is_non_overlapping_and_dense(x):
-        return False
-    if x.dim() == 0 or x.size(0) <= 1 or x.numel() == 0:
-        return True
-    return x.stride(0) == x.numel() // x.size(0)
-
-
-def canonical(x: torch.Tensor) -> torch.Tensor:
-    """The primary tensor as the kernels walk it."""
-    return x if is_batch_major_dense(x) else x.contiguous()
+from ..ops._layout import canonical, is_batch_major_dense, is_non_overlapping_and_dense  # noqa: F401  (one rule)
 
 
 def match_layout(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
