@@ -386,8 +386,21 @@ def eager_ddim_step(eps, x, t, t_prev, sqrt_ab, sqrt_1m_ab):
     return sqrt_ab[t_prev].view(shp) * x0 + sqrt_1m_ab[t_prev].view(shp) * eps, x0
 
 
-def _compile_or_skip(ctx: _Ctx, key: str, f: Callable) -> Callable:
-    return ctx.compile_fn(key, f)
+def _compile_case(ctx: _Ctx, op: str, eager_fn: Callable, nbytes: int, call: Callable) -> Case:
+    """The torch.compile row of ``op``: ``call(compiled eager_fn, i)``, or a
+    skipped row with the reason (compilation off, failed or over budget)."""
+    try:
+        cf = ctx.compile_fn(op, eager_fn)
+    except _Skip as e:
+        return Case(op, "compile", None, nbytes, note=str(e))
+    return Case(op, "compile", lambda i: call(cf, i), nbytes)
+
+
+def _grad_of(o: torch.Tensor, loss: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """Forward + backward of ``loss()`` with respect to ``o`` (grad cleared first)."""
+    o.grad = None
+    loss().backward()
+    return o.grad
 
 
 def _cases_q_sample_rng(ctx: _Ctx, gen) -> list:
@@ -415,11 +428,7 @@ def _cases_q_sample_rng(ctx: _Ctx, gen) -> list:
         cases.append(Case("q_sample_rng", "diffusers", None, 3 * B, note=ctx.diffusers_note))
     a, b = tab["sqrt_ab"], tab["sqrt_1m_ab"]
     cases.append(Case("q_sample_rng", "eager", lambda i: eager_q_sample_rng(x0s[i], ts[i], a, b), 3 * B))
-    try:
-        cf = _compile_or_skip(ctx, "q_sample_rng", eager_q_sample_rng)
-        cases.append(Case("q_sample_rng", "compile", lambda i: cf(x0s[i], ts[i], a, b), 3 * B))
-    except _Skip as e:
-        cases.append(Case("q_sample_rng", "compile", None, 3 * B, note=str(e)))
+    cases.append(_compile_case(ctx, "q_sample_rng", eager_q_sample_rng, 3 * B, lambda cf, i: cf(x0s[i], ts[i], a, b)))
     return cases
 
 
@@ -440,11 +449,8 @@ def _cases_q_sample(ctx: _Ctx, gen) -> list:
         cases.append(Case("q_sample", "diffusers", None, 3 * B, note=ctx.diffusers_note))
     a, b = tab["sqrt_ab"], tab["sqrt_1m_ab"]
     cases.append(Case("q_sample", "eager", lambda i: eager_q_sample(x0s[i], noises[i], ts[i], a, b), 3 * B))
-    try:
-        cf = _compile_or_skip(ctx, "q_sample", eager_q_sample)
-        cases.append(Case("q_sample", "compile", lambda i: cf(x0s[i], noises[i], ts[i], a, b), 3 * B))
-    except _Skip as e:
-        cases.append(Case("q_sample", "compile", None, 3 * B, note=str(e)))
+    cases.append(_compile_case(ctx, "q_sample", eager_q_sample, 3 * B,
+                               lambda cf, i: cf(x0s[i], noises[i], ts[i], a, b)))
     return cases
 
 
@@ -460,40 +466,20 @@ def _cases_diffusion_loss(ctx: _Ctx, gen) -> list:
     keys = [fastdiff.draw_key(gen) for _ in range(ctx.nsets)]
     s = ctx.sched
     cases = []
-    for impl, backend in ctx.fastdiff_impls:
-        def f(i):
-            o = outs[i]
-            o.grad = None
-            fastdiff.diffusion_loss(o, x0s[i], ts[i], s, key=keys[i]).backward()
-            return o.grad
+    def fd_key(i):
+        return _grad_of(outs[i], lambda: fastdiff.diffusion_loss(outs[i], x0s[i], ts[i], s, key=keys[i]))
 
-        def fn_(i):
-            o = outs[i]
-            o.grad = None
-            fastdiff.diffusion_loss(o, x0s[i], ts[i], s, noises[i]).backward()
-            return o.grad
-        cases.append(Case("diffusion_loss", impl, f, 3 * B, "key", backend))
-        cases.append(Case("diffusion_loss", impl, fn_, 4 * B, "noise", backend))
+    def fd_noise(i):
+        return _grad_of(outs[i], lambda: fastdiff.diffusion_loss(outs[i], x0s[i], ts[i], s, noises[i]))
+    for impl, backend in ctx.fastdiff_impls:
+        cases.append(Case("diffusion_loss", impl, fd_key, 3 * B, "key", backend))
+        cases.append(Case("diffusion_loss", impl, fd_noise, 4 * B, "noise", backend))
     cases.append(Case("diffusion_loss", "diffusers", None, 3 * B,
                       note="diffusers has no loss function (its training scripts use F.mse_loss = eager)"))
-
-    def fe(i):
-        o = outs[i]
-        o.grad = None
-        eager_mse(o, noises[i]).backward()
-        return o.grad
-    cases.append(Case("diffusion_loss", "eager", fe, 3 * B))
-    try:
-        cf = _compile_or_skip(ctx, "diffusion_loss", eager_mse)
-
-        def fc(i):
-            o = outs[i]
-            o.grad = None
-            cf(o, noises[i]).backward()
-            return o.grad
-        cases.append(Case("diffusion_loss", "compile", fc, 3 * B))
-    except _Skip as e:
-        cases.append(Case("diffusion_loss", "compile", None, 3 * B, note=str(e)))
+    cases.append(Case("diffusion_loss", "eager", lambda i: _grad_of(outs[i], lambda: eager_mse(outs[i], noises[i])),
+                      3 * B))
+    cases.append(_compile_case(ctx, "diffusion_loss", eager_mse, 3 * B,
+                               lambda cf, i: _grad_of(outs[i], lambda: cf(outs[i], noises[i]))))
     return cases
 
 
@@ -519,11 +505,7 @@ def _cases_ddpm_step(ctx: _Ctx, gen) -> list:
         cases.append(Case("ddpm_step", "diffusers", None, 4 * B, note=ctx.diffusers_note))
     args = (tab["sqrt_ab"], tab["sqrt_1m_ab"], tab["c_x0"], tab["c_xt"], tab["sigma"])
     cases.append(Case("ddpm_step", "eager", lambda i: eager_ddpm_step(eps[i], xs[i], tt, *args), 4 * B))
-    try:
-        cf = _compile_or_skip(ctx, "ddpm_step", eager_ddpm_step)
-        cases.append(Case("ddpm_step", "compile", lambda i: cf(eps[i], xs[i], tt, *args), 4 * B))
-    except _Skip as e:
-        cases.append(Case("ddpm_step", "compile", None, 4 * B, note=str(e)))
+    cases.append(_compile_case(ctx, "ddpm_step", eager_ddpm_step, 4 * B, lambda cf, i: cf(eps[i], xs[i], tt, *args)))
     return cases
 
 
@@ -550,11 +532,8 @@ def _cases_ddim_step(ctx: _Ctx, gen) -> list:
         cases.append(Case("ddim_step", "diffusers", None, 4 * B, note=ctx.diffusers_note))
     a, b = tab["sqrt_ab"], tab["sqrt_1m_ab"]
     cases.append(Case("ddim_step", "eager", lambda i: eager_ddim_step(eps[i], xs[i], tt, tp, a, b), 4 * B))
-    try:
-        cf = _compile_or_skip(ctx, "ddim_step", eager_ddim_step)
-        cases.append(Case("ddim_step", "compile", lambda i: cf(eps[i], xs[i], tt, tp, a, b), 4 * B))
-    except _Skip as e:
-        cases.append(Case("ddim_step", "compile", None, 4 * B, note=str(e)))
+    cases.append(_compile_case(ctx, "ddim_step", eager_ddim_step, 4 * B,
+                               lambda cf, i: cf(eps[i], xs[i], tt, tp, a, b)))
     return cases
 
 
