@@ -65,18 +65,19 @@ def host_us(fn, n=2000) -> float:
     return (time.perf_counter() - a) / n * 1e6
 
 
+def _inputs(shape, dtype):
+    """x0, a noise tensor, a model output, per-sample t in [1, 1000) and the bytes of one tensor."""
+    x0, nz, out = (torch.randn(shape, device="cuda").to(dtype) for _ in range(3))
+    t = torch.randint(1, 1000, (shape[0],), device="cuda")
+    return x0, nz, out, t, x0.numel() * x0.element_size()
+
+
 def kernels(shape, dtype, backend, sched):
-    dev = "cuda"
-    x0 = torch.randn(shape, device=dev).to(dtype)
-    nz = torch.randn(shape, device=dev).to(dtype)
-    out = torch.randn(shape, device=dev).to(dtype)
-    n = shape[0]
-    t = torch.randint(1, 1000, (n,), device=dev)
+    x0, nz, out, t, B = _inputs(shape, dtype)
     tp = t - 1
     a = sched.alphas_cumprod
-    k = fastdiff.draw_key(device=dev)
-    w = torch.ones(n, device=dev)
-    B = x0.numel() * x0.element_size()
+    k = fastdiff.draw_key(device="cuda")
+    w = torch.ones(shape[0], device="cuda")
     fastdiff.set_backend(backend)
     cases = {
         "q_sample (noise given)": (lambda: op("q_sample")(x0, t, a, nz), 3 * B),
@@ -92,21 +93,15 @@ def kernels(shape, dtype, backend, sched):
     rows = []
     for name, (fn, nbytes) in cases.items():
         ms = graph_time_ms(fn)
-        rows.append({"op": name, "backend": backend, "ms": ms, "bytes": nbytes, "gbps": nbytes / ms / 1e6})
+        rows.append({"op": name, "backend": backend, "ms": ms, "bytes": nbytes})
     fastdiff.set_backend("auto")
     return rows
 
 
 def eager_kernels(shape, dtype, sched):
-    dev = "cuda"
-    x0 = torch.randn(shape, device=dev).to(dtype)
-    nz = torch.randn(shape, device=dev).to(dtype)
-    out = torch.randn(shape, device=dev).to(dtype)
-    n = shape[0]
-    t = torch.randint(1, 1000, (n,), device=dev)
+    x0, nz, _, t, B = _inputs(shape, dtype)
     ab = sched.alphas_cumprod.float()
     sa, sb = ab.sqrt(), (1 - ab).sqrt()
-    B = x0.numel() * x0.element_size()
     v = (-1,) + (1,) * (x0.dim() - 1)
 
     def q():
