@@ -3,16 +3,13 @@
 // per-element maths in float (double for float64 tensors).
 //
 // The noise stream (Philox4x32-10 + Box-Muller, defined in
-// fastdiff/reference/noise.py) is the expensive part on a CPU, so it is
-// generated a block of 64 Philox groups at a time with loops the compiler
-// vectorises (the 32x32->64 multiplies, and a polynomial log / sin / cos
-// written to be branch-free) instead of one libm call per element.
+// fastdiff/reference/noise.py) is the expensive part on a CPU; its
+// vectorised generator lives in noise_cpu.h.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstring>
 #include <vector>
 
 #include "../host.h"
