@@ -133,6 +133,20 @@ def _stats(times_ms: list) -> dict:
             "reps": len(s)}
 
 
+def _cpu_warmup(fn: Callable[[int], object], nsets: int, warm_s: float) -> float:
+    """Warm-up calls of ``fn`` (at least 2, at most 100, ~warm_s seconds);
+    returns the duration of the last one in seconds."""
+    k, t0, last = 0, time.perf_counter(), 0.0
+    while k < 2 or time.perf_counter() - t0 < warm_s:
+        a = time.perf_counter()
+        fn(k % nsets)
+        last = time.perf_counter() - a
+        k += 1
+        if k >= 100:
+            break
+    return last
+
+
 def time_calls(fn: Callable[[int], object], device: str, nsets: int = 1, quick: bool = False) -> dict:
     """Per-call times of ``fn(i)`` (i = the input set, rotating over ``nsets``)
     after a warm-up; returns median/p20/p80 in ms and the number of calls.
@@ -166,15 +180,7 @@ def time_calls(fn: Callable[[int], object], device: str, nsets: int = 1, quick: 
         torch.cuda.synchronize()
         times = [s.elapsed_time(e) for s, e in zip(starts, ends)]
     else:
-        k, t0 = 0, time.perf_counter()
-        last = first
-        while k < 2 or time.perf_counter() - t0 < warm_s:
-            a = time.perf_counter()
-            fn(k % nsets)
-            last = time.perf_counter() - a
-            k += 1
-            if k >= 100:
-                break
+        last = _cpu_warmup(fn, nsets, warm_s)
         reps = int(min(max(target_s / max(last, 1e-7), min_reps), max_reps))
         times = []
         for i in range(reps):
@@ -202,16 +208,8 @@ def time_interleaved(fns: Sequence[Callable[[int], object]], nsets: int = 1, qui
         try:
             t0 = time.perf_counter()
             fn(0)
-            first[i] = last = time.perf_counter() - t0
-            k, t0 = 0, time.perf_counter()
-            while k < 2 or time.perf_counter() - t0 < warm_s:
-                a = time.perf_counter()
-                fn(k % nsets)
-                last = time.perf_counter() - a
-                k += 1
-                if k >= 100:
-                    break
-            est[i] = max(last, 1e-7)
+            first[i] = time.perf_counter() - t0
+            est[i] = max(_cpu_warmup(fn, nsets, warm_s), 1e-7)
         except Exception as e:
             res[i] = e
     live = [i for i in range(n) if res[i] is None]
