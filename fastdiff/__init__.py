@@ -18,12 +18,14 @@ from .ops import _backend
 _backend.init()
 
 from .ops import (  # noqa: E402
+    attention,
     available_backends,
     ddim_step,
     ddpm_step,
     diffusion_loss,
     draw_key,
     get_velocity,
+    group_norm_act,
     q_sample,
     set_backend,
 )
@@ -31,4 +33,4 @@ from .schedule import NoiseSchedule  # noqa: E402
 from ._info import info  # noqa: E402
 
 __all__ = ["NoiseSchedule", "q_sample", "get_velocity", "diffusion_loss", "ddpm_step", "ddim_step", "draw_key",
-           "set_backend", "available_backends", "info", "__version__"]
+           "group_norm_act", "attention", "set_backend", "available_backends", "info", "__version__"]

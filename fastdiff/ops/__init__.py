@@ -377,5 +377,7 @@ def ddim_step(model_output: torch.Tensor, t: Timesteps, sample: torch.Tensor, sc
 set_backend = _backend.set_backend
 available_backends = _backend.available_backends
 
+from .blocks import attention, fused_attention_supported, group_norm_act  # noqa: E402
+
 __all__ = ["q_sample", "get_velocity", "diffusion_loss", "ddpm_step", "ddim_step", "draw_key", "set_backend",
-           "available_backends"]
+           "available_backends", "group_norm_act", "attention", "fused_attention_supported"]

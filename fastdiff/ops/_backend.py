@@ -23,13 +23,23 @@ GPU_BACKENDS = ("cuda", "triton", "reference")
 
 # Per-op default on a GPU when both compiled backends exist; set from the
 # committed benchmark results (benchmarks/results/), see docs/ARCHITECTURE.md.
+# The U-Net block ops default to Triton: their CUDA C++ GroupNorm kernels were
+# compiled but have not yet been run on a GPU (no GPU was lent when they were
+# written), and attention has Triton kernels only.
 DEFAULT_GPU_BACKEND = {name: "cuda" for name in OPS}
+DEFAULT_GPU_BACKEND.update({
+    "group_norm_act": "triton",
+    "group_norm_act_backward": "triton",
+    "attention": "triton",
+    "attention_backward": "triton",
+})
 
 _C = None
 _C_ERROR: str | None = None
 _TRITON_ERROR: str | None = None
 _triton_mod = None
 _fallback_libs: list = []
+_fallback_ops: set = set()
 _override_lib = None
 _current: dict[str, str] = {}
 
@@ -97,15 +107,22 @@ def cuda_kernel(name: str, backend: str):
     raise ValueError(f"backend must be one of {GPU_BACKENDS}, got {backend!r}")
 
 
-def available_backends(device: str = "cuda") -> list[str]:
+def _has_native_cpu(name: str) -> bool:
+    return has_cpu_extension() and torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::{name}", "CPU") \
+        and name not in _fallback_ops
+
+
+def available_backends(device: str = "cuda", op: str | None = None) -> list[str]:
+    """The backends that can run ``op`` (default: every op) on ``device``."""
+    names = OPS if op is None else (op,)
     if device == "cpu":
-        return (["cpp"] if has_cpu_extension() else []) + ["reference"]
+        return (["cpp"] if all(_has_native_cpu(n) for n in names) else []) + ["reference"]
     out = []
-    if has_cuda_extension():
+    if has_cuda_extension() and all(hasattr(_C, f"{n}_cuda") for n in names):
         out.append("cuda")
     if _triton_usable():
         mod = triton_module()
-        if mod is not None and all(hasattr(mod, n) for n in OPS):
+        if mod is not None and all(hasattr(mod, n) for n in names):
             out.append("triton")
     return out + ["reference"]
 
@@ -120,23 +137,26 @@ def set_backend(backend: str = "auto", ops=None) -> None:
         if n not in OPS:
             raise ValueError(f"unknown fastdiff op {n!r}; ops are {OPS}")
     wanted = dict(_current)
-    avail = available_backends("cuda")
     for n in names:
-        if backend == "auto":
+        avail = available_backends("cuda", n)
+        if backend == "auto" or (ops is None and backend not in avail and n in _current):
+            # "auto", or a backend that lacks this op in a set-them-all call: keep/choose the default
             pref = DEFAULT_GPU_BACKEND.get(n, "cuda")
             wanted[n] = pref if pref in avail else avail[0]
+            if backend != "auto" and n in _current:
+                wanted[n] = _current[n]
         elif backend in avail:
             wanted[n] = backend
         else:
-            raise ValueError(f"backend {backend!r} is not available here (available: {avail})")
+            raise ValueError(f"backend {backend!r} is not available here for {n} (available: {avail})")
     # Rebuild the override library: ops whose choice differs from what the
     # extension registered natively get a Python kernel on the CUDA key.
     if _override_lib is not None:
         _override_lib._destroy()
         _override_lib = None
-    native = "cuda" if has_cuda_extension() else None
     lib = None
     for n, b in wanted.items():
+        native = "cuda" if has_cuda_extension() and hasattr(_C, f"{n}_cuda") else None
         if b != native:
             if lib is None:
                 with warnings.catch_warnings():
@@ -152,16 +172,22 @@ def set_backend(backend: str = "auto", ops=None) -> None:
 
 def current_backend(name: str, device: str = "cuda") -> str:
     if device == "cpu":
-        return "cpp" if has_cpu_extension() else "reference"
+        return "cpp" if _has_native_cpu(name) else "reference"
     return _current.get(name, "reference")
 
 
 def _register_fallbacks():
-    """Reference kernels on CPU when the extension is missing."""
-    if not has_cpu_extension():
-        lib = torch.library.Library(NAMESPACE, "IMPL")
-        for n in OPS:
-            lib.impl(n, getattr(refk, n), "CPU")
+    """Reference kernels on CPU for the ops the extension does not implement
+    there (all of them when it is missing)."""
+    lib = None
+    for n in OPS:
+        if has_cpu_extension() and torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::{n}", "CPU"):
+            continue
+        if lib is None:
+            lib = torch.library.Library(NAMESPACE, "IMPL")
+        lib.impl(n, getattr(refk, n), "CPU")
+        _fallback_ops.add(n)
+    if lib is not None:
         _fallback_libs.append(lib)
 
 

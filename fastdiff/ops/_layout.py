@@ -38,3 +38,34 @@ def empty_canonical(x: torch.Tensor, dtype=None) -> torch.Tensor:
     if is_batch_major_dense(x):
         return torch.empty_like(x, dtype=dtype)
     return torch.empty(x.shape, dtype=dtype or x.dtype, device=x.device)
+
+
+# ------------------------------------------------- U-Net block operators ----
+# GroupNorm: x (N, C, *spatial) is read either NC* contiguous ("NCHW") or
+# channels-last ("NHWC": x.movedim(1, -1) contiguous); any other layout is
+# made contiguous. Outputs (y, dx) take the layout that was read.
+def gn_channels_last(x: torch.Tensor) -> bool:
+    return x.dim() >= 3 and not x.is_contiguous() and x.movedim(1, -1).is_contiguous()
+
+
+def gn_canonical(x: torch.Tensor) -> torch.Tensor:
+    return x if x.is_contiguous() or gn_channels_last(x) else x.contiguous()
+
+
+def gn_empty_like(x: torch.Tensor, dtype=None) -> torch.Tensor:
+    """An uninitialised tensor shaped like x in the layout a GroupNorm kernel reads x in."""
+    dtype = dtype or x.dtype
+    if gn_channels_last(x):
+        return torch.empty((x.shape[0], *x.shape[2:], x.shape[1]), dtype=dtype, device=x.device).movedim(-1, 1)
+    return torch.empty(x.shape, dtype=dtype, device=x.device)
+
+
+def gn_stat_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype of statistics and of per-channel vectors for data x."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+# Attention: out, dq, dk, dv of logical shape (B, H, L, D) are stored as
+# (B, L, H, D), so out.transpose(1, 2).reshape(B, L, H * D) is free.
+def attn_empty(B: int, H: int, L: int, D: int, like: torch.Tensor) -> torch.Tensor:
+    return torch.empty((B, L, H, D), dtype=like.dtype, device=like.device).transpose(1, 2)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ._layout import empty_canonical
+from ._layout import attn_empty, empty_canonical, gn_empty_like, gn_stat_dtype
 from ._schemas import NAMESPACE
 
 
@@ -104,3 +104,66 @@ def _loss_backward(ctx, grad_per_sample, _grad_grad):
 torch.library.register_autograd(_f("q_sample"), _q_backward, setup_context=_q_setup)
 torch.library.register_autograd(_f("q_sample_rng"), _q_rng_backward, setup_context=_q_setup)
 torch.library.register_autograd(_f("diffusion_loss"), _loss_backward, setup_context=_loss_setup)
+
+
+# ------------------------------------------------- U-Net block operators ----
+@torch.library.register_fake(_f("group_norm_act"))
+def _gn_fake(x, weight, bias, add, scale, shift, groups, eps, silu):
+    sd = gn_stat_dtype(x)
+    return gn_empty_like(x), x.new_empty((x.shape[0], groups), dtype=sd), x.new_empty((x.shape[0], groups), dtype=sd)
+
+
+@torch.library.register_fake(_f("group_norm_act_backward"))
+def _gn_bwd_fake(grad_y, x, weight, bias, add, scale, shift, mean, rstd, groups, silu):
+    sd = gn_stat_dtype(x)
+
+    def like(v):
+        return x.new_empty(0, dtype=sd) if v is None else torch.empty_like(v, dtype=sd,
+                                                                          memory_format=torch.contiguous_format)
+
+    return gn_empty_like(x), like(weight), like(bias), like(add), like(scale), like(shift)
+
+
+@torch.library.register_fake(_f("attention"))
+def _attn_fake(q, k, v, scale):
+    B, H, Lq, _ = q.shape
+    return attn_empty(B, H, Lq, v.shape[3], q), q.new_empty((B, H, Lq), dtype=gn_stat_dtype(q))
+
+
+@torch.library.register_fake(_f("attention_backward"))
+def _attn_bwd_fake(grad_out, q, k, v, out, lse, scale):
+    return attn_empty(*q.shape, q), attn_empty(*k.shape, k), attn_empty(*v.shape, v)
+
+
+def _gn_setup(ctx, inputs, output):
+    x, weight, bias, add, scale, shift, groups, eps, silu = inputs
+    _, mean, rstd = output
+    ctx.groups, ctx.silu = groups, silu
+    ctx.save_for_backward(x, weight, bias, add, scale, shift, mean, rstd)
+
+
+def _gn_backward(ctx, grad_y, _grad_mean, _grad_rstd):
+    x, weight, bias, add, scale, shift, mean, rstd = ctx.saved_tensors
+    grads = torch.ops.fastdiff.group_norm_act_backward(grad_y, x, weight, bias, add, scale, shift, mean, rstd,
+                                                       ctx.groups, ctx.silu)
+    need = ctx.needs_input_grad
+    out = [g if (n < 6 and need[n]) else None for n, g in enumerate(grads)]
+    return (*out, None, None, None)
+
+
+def _attn_setup(ctx, inputs, output):
+    q, k, v, scale = inputs
+    out, lse = output
+    ctx.scale = scale
+    ctx.save_for_backward(q, k, v, out, lse)
+
+
+def _attn_backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = torch.ops.fastdiff.attention_backward(grad_out, q, k, v, out, lse, ctx.scale)
+    need = ctx.needs_input_grad
+    return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None, None)
+
+
+torch.library.register_autograd(_f("group_norm_act"), _gn_backward, setup_context=_gn_setup)
+torch.library.register_autograd(_f("attention"), _attn_backward, setup_context=_attn_setup)

@@ -8,8 +8,9 @@ from __future__ import annotations
 import torch
 
 from .. import reference as ref
+from ..reference import blocks as refb
 from ._codes import PREDICTION, VARIANCE
-from ._layout import canonical, empty_canonical
+from ._layout import attn_empty, canonical, empty_canonical, gn_empty_like, gn_stat_dtype
 
 
 def _out(primary: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -88,3 +89,41 @@ def ddim_step(model_output, sample, t, t_prev, alphas_cumprod, noise, key, thres
     valid = _valid_pair(t, t_prev, T)
     return (_out(sample, _nan_invalid(prev.to(torch.float64), valid)),
             _out(sample, _nan_invalid(x0.to(torch.float64), valid)))
+
+
+# ------------------------------------------------- U-Net block operators ----
+def _empty_vec(x):
+    return x.new_empty(0, dtype=gn_stat_dtype(x))
+
+
+def group_norm_act(x, weight, bias, add, scale, shift, groups, eps, silu):
+    y, mean, rstd = refb.group_norm_act(x, weight, bias, add, scale, shift, groups, eps, silu)
+    out = gn_empty_like(x)
+    out.copy_(y)
+    sd = gn_stat_dtype(x)
+    return out, mean.to(sd), rstd.to(sd)
+
+
+def group_norm_act_backward(grad_y, x, weight, bias, add, scale, shift, mean, rstd, groups, silu):
+    grads = refb.group_norm_act_backward(grad_y, x, weight, bias, add, scale, shift, mean, rstd, groups, silu)
+    dx = gn_empty_like(x)
+    dx.copy_(grads[0])
+    sd = gn_stat_dtype(x)
+    return (dx,) + tuple(_empty_vec(x) if g is None else g.to(sd) for g in grads[1:])
+
+
+def attention(q, k, v, scale):
+    o, lse = refb.attention(q, k, v, scale)
+    out = attn_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[3], q)
+    out.copy_(o)
+    return out, lse.to(gn_stat_dtype(q))
+
+
+def attention_backward(grad_out, q, k, v, out, lse, scale):
+    grads = refb.attention_backward(grad_out, q, k, v, out, lse, scale)
+    res = []
+    for g, like in zip(grads, (q, k, v)):
+        r = attn_empty(*like.shape, like)
+        r.copy_(g)
+        res.append(r)
+    return tuple(res)

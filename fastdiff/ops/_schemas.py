@@ -6,6 +6,11 @@ Triton backend registers Python kernels for the same names, and the fake
 means ``import fastdiff`` works, with the reference kernels, even when the
 extension was not built.
 
+The U-Net block ops (``group_norm_act``, ``attention`` and their backwards)
+take float32 per-channel / per-(sample, channel) vectors and return float32
+statistics (float64 for float64 data); see fastdiff/reference/blocks.py for
+the maths and fastdiff/ops/_layout.py for the layouts.
+
 Integer codes: prediction/target 0 epsilon, 1 sample, 2 v_prediction;
 variance 0 fixed_small, 1 fixed_small_log, 2 fixed_large, 3 fixed_large_log,
 4 learned, 5 learned_range. ``alphas_cumprod`` is float64; ``t`` int64 (N,).
@@ -34,6 +39,20 @@ SCHEMAS = {
     "ddim_step": "ddim_step(Tensor model_output, Tensor sample, Tensor t, Tensor t_prev, Tensor alphas_cumprod,"
     " Tensor? noise, Tensor? key, Tensor? thresh, int prediction_type, float clip_range, float eta,"
     " float final_alpha_cumprod, bool use_clipped_model_output) -> (Tensor, Tensor)",
+    # GroupNorm(x + add) * weight + bias, then * (1 + scale) + shift, then SiLU; returns
+    # (y, mean, rstd), statistics (N, G). weight/bias (C,), add/scale/shift (N, C), all optional.
+    "group_norm_act": "group_norm_act(Tensor x, Tensor? weight, Tensor? bias, Tensor? add, Tensor? scale,"
+    " Tensor? shift, int groups, float eps, bool silu) -> (Tensor, Tensor, Tensor)",
+    # (dx, dweight, dbias, dadd, dscale, dshift); an absent optional input's gradient is empty
+    "group_norm_act_backward": "group_norm_act_backward(Tensor grad_y, Tensor x, Tensor? weight, Tensor? bias,"
+    " Tensor? add, Tensor? scale, Tensor? shift, Tensor mean, Tensor rstd, int groups, bool silu)"
+    " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    # softmax(scale q k^T) v for q (B, H, Lq, D), k/v (B, H, Lk, D), any strides; returns
+    # (out, lse): out (B, H, Lq, D) stored as (B, Lq, H, D), lse (B, H, Lq) float32
+    "attention": "attention(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)",
+    # (dq, dk, dv), each stored as (B, L, H, D) like out
+    "attention_backward": "attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out,"
+    " Tensor lse, float scale) -> (Tensor, Tensor, Tensor)",
 }
 
 # Tags: every op is a pure function of its inputs (the key makes the noise
