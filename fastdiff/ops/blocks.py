@@ -75,6 +75,9 @@ def group_norm_act(x: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
     C = x.shape[1]
     if C % num_groups != 0:
         raise ValueError(f"num_groups={num_groups} must divide the number of channels C={C}")
+    if x.shape[0] > 0 and x.numel() == 0:
+        raise ValueError(f"x has no elements per group (shape {tuple(x.shape)}): GroupNorm needs C >= 1 and "
+                         "non-empty spatial dimensions")
     if not (isinstance(eps, (int, float)) and eps >= 0 and math.isfinite(eps)):
         raise ValueError(f"eps must be a finite float >= 0, got {eps!r}")
     w = _vector(weight, "weight", x, False)
