@@ -10,7 +10,7 @@ import torch
 from .. import reference as ref
 from ..reference import blocks as refb
 from ._codes import PREDICTION, VARIANCE
-from ._layout import attn_empty, canonical, empty_canonical, gn_empty_like, gn_stat_dtype
+from ._layout import attn_empty, canonical, empty_canonical, gn_check, gn_empty_like, gn_stat_dtype
 
 
 def _out(primary: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -97,6 +97,7 @@ def _empty_vec(x):
 
 
 def group_norm_act(x, weight, bias, add, scale, shift, groups, eps, silu):
+    gn_check(x, weight, bias, add, scale, shift, groups)
     y, mean, rstd = refb.group_norm_act(x, weight, bias, add, scale, shift, groups, eps, silu)
     out = gn_empty_like(x)
     out.copy_(y)
@@ -105,6 +106,7 @@ def group_norm_act(x, weight, bias, add, scale, shift, groups, eps, silu):
 
 
 def group_norm_act_backward(grad_y, x, weight, bias, add, scale, shift, mean, rstd, groups, silu):
+    gn_check(x, weight, bias, add, scale, shift, groups, grad_y, mean, rstd)
     grads = refb.group_norm_act_backward(grad_y, x, weight, bias, add, scale, shift, mean, rstd, groups, silu)
     dx = gn_empty_like(x)
     dx.copy_(grads[0])

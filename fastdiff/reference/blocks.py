@@ -50,12 +50,20 @@ def _ch(v: Optional[Tensor], x: Tensor) -> Optional[Tensor]:
     return v.to(torch.float64).reshape(1, x.shape[1], *([1] * (x.dim() - 2)))
 
 
+def _group_size(x: Tensor, groups: int) -> int:
+    """Elements per (sample, group): C/G channels x the spatial size."""
+    spatial = 1
+    for s in x.shape[2:]:
+        spatial *= s
+    return x.shape[1] // groups * spatial
+
+
 def group_norm_stats(x: Tensor, groups: int, eps: float, add: Optional[Tensor] = None):
     """(mean, rstd), each (N, G) float64, of h = x + add (two-pass, exact)."""
     h = x.to(torch.float64)
     if add is not None:
         h = h + _pc(add, x)
-    hg = h.reshape(x.shape[0], groups, -1)
+    hg = h.reshape(x.shape[0], groups, _group_size(x, groups))
     mean = hg.mean(-1)
     var = (hg - mean[..., None]).square().mean(-1)
     return mean, (var + eps).rsqrt()
@@ -65,8 +73,7 @@ def _xhat(x, add, mean, rstd, groups):
     h = x.to(torch.float64)
     if add is not None:
         h = h + _pc(add, x)
-    N = x.shape[0]
-    hg = h.reshape(N, groups, -1)
+    hg = h.reshape(x.shape[0], groups, _group_size(x, groups))
     return ((hg - mean.to(torch.float64)[..., None]) * rstd.to(torch.float64)[..., None]).reshape(x.shape)
 
 
@@ -112,9 +119,9 @@ def group_norm_act_backward(grad_y: Tensor, x: Tensor, weight: Optional[Tensor],
     sv = 1 + scale.to(torch.float64).reshape(N, C) if scale is not None else torch.ones(
         N, C, dtype=torch.float64, device=x.device)
     g = wv * sv  # (N, C): d xhat = g dz
-    M = (C // G) * (x.numel() // max(N * C, 1))
-    s1 = (g * A).reshape(N, G, -1).sum(-1) / M  # mean_g(g dz)
-    s2 = (g * B).reshape(N, G, -1).sum(-1) / M  # mean_g(g dz xhat)
+    M = _group_size(x, G)
+    s1 = (g * A).reshape(N, G, C // G).sum(-1) / M  # mean_g(g dz)
+    s2 = (g * B).reshape(N, G, C // G).sum(-1) / M  # mean_g(g dz xhat)
     r = rstd.to(torch.float64)
     rep = C // G
 
