@@ -39,7 +39,7 @@ def info(as_dict: bool = False):
         "backends": {
             name: {"cpu": _backend.current_backend(name, "cpu"),
                    "cuda": _backend.current_backend(name, "cuda") if (gpu or st["extension_cuda"]) else None,
-                   "cuda_available": _backend.available_backends("cuda")}
+                   "cuda_available": _backend.available_backends("cuda", name)}
             for name in _backend.OPS
         },
     }
@@ -52,8 +52,8 @@ def info(as_dict: bool = False):
              + (f"; built with torch {d['built_with_torch']}" if d['built_with_torch'] else ""),
              f"triton kernels: {d['triton']}",
              f"GPU: {gpu['name'] + ' (sm_' + gpu['capability'].replace('.', '') + ')' if gpu else 'none'}",
-             "", f"{'operator':<16}{'CPU':<12}{'GPU (active)':<14}GPU (available)"]
+             "", f"{'operator':<25}{'CPU':<12}{'GPU (active)':<14}GPU (available)"]
     for name, b in d["backends"].items():
-        lines.append(f"{name:<16}{b['cpu']:<12}{str(b['cuda']):<14}{', '.join(b['cuda_available'])}")
+        lines.append(f"{name:<25}{b['cpu']:<12}{str(b['cuda']):<14}{', '.join(b['cuda_available'])}")
     print("\n".join(lines))
     return None

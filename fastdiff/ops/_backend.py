@@ -113,16 +113,17 @@ def _has_native_cpu(name: str) -> bool:
 
 
 def available_backends(device: str = "cuda", op: str | None = None) -> list[str]:
-    """The backends that can run ``op`` (default: every op) on ``device``."""
+    """The backends that can run ``op`` on ``device``; with ``op=None``, those
+    that run at least one op ("reference" runs them all)."""
     names = OPS if op is None else (op,)
     if device == "cpu":
-        return (["cpp"] if all(_has_native_cpu(n) for n in names) else []) + ["reference"]
+        return (["cpp"] if any(_has_native_cpu(n) for n in names) else []) + ["reference"]
     out = []
-    if has_cuda_extension() and all(hasattr(_C, f"{n}_cuda") for n in names):
+    if has_cuda_extension() and any(hasattr(_C, f"{n}_cuda") for n in names):
         out.append("cuda")
     if _triton_usable():
         mod = triton_module()
-        if mod is not None and all(hasattr(mod, n) for n in names):
+        if mod is not None and any(hasattr(mod, n) for n in names):
             out.append("triton")
     return out + ["reference"]
 
@@ -130,7 +131,8 @@ def available_backends(device: str = "cuda", op: str | None = None) -> list[str]
 def set_backend(backend: str = "auto", ops=None) -> None:
     """Choose the kernel that runs ``ops`` (default: all) on CUDA tensors:
     ``"cuda"`` (compiled C++), ``"triton"``, ``"reference"`` or ``"auto"``
-    (the benchmark-chosen default among those available)."""
+    (the benchmark-chosen default among those available). With ``ops=None``,
+    ops that lack the named backend keep their current kernel."""
     global _override_lib
     names = OPS if ops is None else tuple([ops] if isinstance(ops, str) else ops)
     for n in names:
@@ -139,14 +141,13 @@ def set_backend(backend: str = "auto", ops=None) -> None:
     wanted = dict(_current)
     for n in names:
         avail = available_backends("cuda", n)
-        if backend == "auto" or (ops is None and backend not in avail and n in _current):
-            # "auto", or a backend that lacks this op in a set-them-all call: keep/choose the default
+        if backend == "auto":
             pref = DEFAULT_GPU_BACKEND.get(n, "cuda")
             wanted[n] = pref if pref in avail else avail[0]
-            if backend != "auto" and n in _current:
-                wanted[n] = _current[n]
         elif backend in avail:
             wanted[n] = backend
+        elif ops is None and n in wanted:
+            pass  # e.g. set_backend("cuda") for all ops: attention has no CUDA C++ kernel, keep its choice
         else:
             raise ValueError(f"backend {backend!r} is not available here for {n} (available: {avail})")
     # Rebuild the override library: ops whose choice differs from what the

@@ -1,0 +1,473 @@
+"""GroupNorm(+add, +scale/shift, +SiLU) forward and backward in Triton.
+
+Maths: fastdiff/reference/blocks.py. Layout: fastdiff/ops/_layout.py (x is
+read NCHW-contiguous or channels-last in place, anything else is made
+contiguous; y and dx take the layout that was read).
+
+Programs. One program per (sample n, group g), grid ``(N * G,)``. A group is
+D = C / G channels x S spatial positions, addressed as
+``base + d * sC + s * sS`` with (sC, sS) = (S, 1) for NCHW and (1, C) for
+channels-last. It is walked in 2-D tiles whose last (fastest) axis is the
+contiguous one: [BLOCK_D, BLOCK_S] for NCHW, [BLOCK_S, BLOCK_D] for
+channels-last, so loads vectorise along s (NCHW) or along the D adjacent
+channels (NHWC) and per-channel sums are one tl.sum over the spatial axis.
+
+* SINGLE (the whole padded group fits one tile): load once, two-pass
+  statistics in registers (mean, then the sum of squared deviations), then
+  normalise and store: x is read from DRAM once.
+* looping (large groups): pass 1 walks the tiles and merges each tile's exact
+  (count, mean, M2) into the running ones (Chan et al.), so a mean far from 0
+  (inputs offset by 1e3) costs no accuracy; pass 2 re-reads the group and
+  writes y.
+
+Backward, per (n, g): pass 1 recomputes xhat, z and silu'(z), and reduces the
+per-channel A = sum_s dz, B = sum_s dz xhat, which give the group's
+s1 = mean(g dz) and s2 = mean(g dz xhat) (g = weight (1 + scale)); pass 2
+writes dx = rstd (g dz - s1 - xhat s2) and d add[n, c] = sum_s dx (reduced in
+registers while dx is stored). d shift = A and d scale = w B + b A are written
+per (n, c); d weight / d bias are the sums over n of (1 + scale) B / (1 + scale) A,
+written per (n, c) and reduced with a torch ``sum(0)`` (deterministic, no atomics).
+With SINGLE, both passes work on the one tile held in registers.
+
+Nothing here synchronises with the host: the launch geometry depends on shapes only.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _common as CM
+from ..ops._layout import gn_channels_last, gn_empty_like, gn_stat_dtype
+
+Tensor = torch.Tensor
+
+# ---------------------------------------------------------------- config ---
+# Elements of the one tile holding a whole group (SINGLE path), and of the
+# tiles of the looping path. The backward keeps x, dy, xhat and dz of a tile
+# live, hence its smaller single-tile budget. UNTUNED: chosen by register
+# arithmetic (<= 32 fp32 values per thread per live tile with the warps of
+# _warps), not measured on a GPU; retune SINGLE_MAX_* / LOOP_TILE / _warps there.
+SINGLE_MAX_FWD = 8192
+SINGLE_MAX_BWD = 4096
+LOOP_TILE = 2048
+
+
+def _warps(tile: int) -> int:
+    # UNTUNED: ~16 elements per thread, 1..16 warps.
+    return max(1, min(16, tile // 512))
+
+
+class _Geometry:
+    """Tile shape of a call: BLOCK_D x BLOCK_S (powers of two), whether one
+    tile holds the whole group (single), and the warps."""
+
+    def __init__(self, D: int, S: int, channels_last: bool, single_max: int, loop_tile: int):
+        # the contiguous extent gets its full power of two first, the other axis what is left
+        ext_c, ext_o = (D, S) if channels_last else (S, D)
+        pc, po = triton.next_power_of_2(ext_c), triton.next_power_of_2(ext_o)
+        self.single = pc * po <= single_max
+        if self.single:
+            bc, bo = pc, po
+        else:
+            bc = min(pc, loop_tile)
+            bo = min(po, max(1, loop_tile // bc))
+        self.block_d, self.block_s = (bc, bo) if channels_last else (bo, bc)
+        self.num_warps = _warps(bc * bo)
+
+
+# ---------------------------------------------------------------- device ---
+@triton.jit
+def _tile(d0, s0, D, S, C, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, CL: tl.constexpr, I64: tl.constexpr):
+    """(d, offs, mask) of the tile at channel d0, position s0 of a group: d the
+    [BLOCK_D] channel indices within the group, offs the element offsets from
+    the group's base, mask the elements inside the group."""
+    d = d0 + tl.arange(0, BLOCK_D)
+    s = s0 + tl.arange(0, BLOCK_S)
+    if I64:
+        d = d.to(tl.int64)
+        s = s.to(tl.int64)
+    if CL:  # [BLOCK_S, BLOCK_D], channels contiguous
+        offs = s[:, None] * C + d[None, :]
+        mask = (s[:, None] < S) & (d[None, :] < D)
+    else:  # [BLOCK_D, BLOCK_S], positions contiguous
+        offs = d[:, None] * S + s[None, :]
+        mask = (d[:, None] < D) & (s[None, :] < S)
+    return d, offs, mask
+
+
+@triton.jit
+def _cvec(v, CL: tl.constexpr):
+    """A per-channel [BLOCK_D] vector broadcast against a tile."""
+    if CL:
+        r = v[None, :]
+    else:
+        r = v[:, None]
+    return r
+
+
+@triton.jit
+def _ssum(t, CL: tl.constexpr):
+    """Per-channel sums over the spatial axis of a tile -> [BLOCK_D]."""
+    if CL:
+        r = tl.sum(t, axis=0)
+    else:
+        r = tl.sum(t, axis=1)
+    return r
+
+
+@triton.jit
+def _params(w_ptr, b_ptr, add_ptr, sc_ptr, sh_ptr, c, nc, dmask,
+            HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_ADD: tl.constexpr, HAS_SC: tl.constexpr,
+            HAS_SH: tl.constexpr, ACC: tl.constexpr):
+    """Per-channel (add, w, b, 1 + scale, shift) of channels c (global index),
+    nc = n * C + c; absent inputs give their neutral values."""
+    one = tl.full(c.shape, 1.0, ACC)
+    zero = tl.zeros(c.shape, ACC)
+    add = tl.load(add_ptr + nc, mask=dmask, other=0.0).to(ACC) if HAS_ADD else zero
+    w = tl.load(w_ptr + c, mask=dmask, other=0.0).to(ACC) if HAS_W else one
+    b = tl.load(b_ptr + c, mask=dmask, other=0.0).to(ACC) if HAS_B else zero
+    sc1 = 1.0 + tl.load(sc_ptr + nc, mask=dmask, other=0.0).to(ACC) if HAS_SC else one
+    sh = tl.load(sh_ptr + nc, mask=dmask, other=0.0).to(ACC) if HAS_SH else zero
+    return add, w, b, sc1, sh
+
+
+@triton.jit
+def _sigmoid(z):
+    return 1.0 / (1.0 + tl.exp(-z))
+
+
+@triton.jit
+def _group_base(pid, C, S, G, D, CL: tl.constexpr):
+    """(n, g, element offset of group (n, g)) of program pid, the offset in int64."""
+    n = pid // G
+    g = pid - n * G
+    if CL:
+        base = n.to(tl.int64) * C * S + g.to(tl.int64) * D
+    else:
+        base = n.to(tl.int64) * C * S + g.to(tl.int64) * D * S
+    return n, g, base
+
+
+@triton.jit
+def _gn_fwd_kernel(x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, add_ptr, sc_ptr, sh_ptr,
+                   C, S, G, D, eps_bits,
+                   HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_ADD: tl.constexpr, HAS_SC: tl.constexpr,
+                   HAS_SH: tl.constexpr, SILU: tl.constexpr, CL: tl.constexpr, ACC: tl.constexpr,
+                   BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, SINGLE: tl.constexpr, I64: tl.constexpr):
+    pid = tl.program_id(0)
+    n, g, base = _group_base(pid, C, S, G, D, CL)
+    xg = x_ptr + base
+    yg = y_ptr + base
+    eps = CM.f64_from_bits(eps_bits).to(ACC)
+    cnt = (D * S).to(ACC)
+    if SINGLE:
+        d, offs, mask = _tile(0, 0, D, S, C, BLOCK_D, BLOCK_S, CL, I64)
+        dm = d < D
+        c = g * D + d
+        add, w, b, sc1, sh = _params(w_ptr, b_ptr, add_ptr, sc_ptr, sh_ptr, c, n * C + c, dm,
+                                     HAS_W, HAS_B, HAS_ADD, HAS_SC, HAS_SH, ACC)
+        h = tl.where(mask, tl.load(xg + offs, mask=mask, other=0.0).to(ACC) + _cvec(add, CL), 0.0)
+        mean = tl.sum(tl.sum(h, axis=1), axis=0) / cnt
+        dev = tl.where(mask, h - mean, 0.0)  # exact two-pass: no E[x^2] - E[x]^2 cancellation
+        var = tl.sum(tl.sum(dev * dev, axis=1), axis=0) / cnt
+        rstd = 1.0 / CM.sqrt_acc(var + eps)
+        z = dev * _cvec(rstd * w * sc1, CL) + _cvec(b * sc1 + sh, CL)
+        if SILU:
+            z = z * _sigmoid(z)
+        tl.store(yg + offs, z.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        # pass 1: per tile an exact (count, mean, M2) in registers, merged into the running ones
+        k = tl.zeros([], ACC)
+        mean = tl.zeros([], ACC)
+        m2 = tl.zeros([], ACC)
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            dm = d < D
+            c = g * D + d
+            add, w, b, sc1, sh = _params(w_ptr, b_ptr, add_ptr, sc_ptr, sh_ptr, c, n * C + c, dm,
+                                         HAS_W, HAS_B, HAS_ADD, HAS_SC, HAS_SH, ACC)
+            nd = tl.minimum(D - d0, BLOCK_D)
+            for s0 in range(0, S, BLOCK_S):
+                _, offs, mask = _tile(d0, s0, D, S, C, BLOCK_D, BLOCK_S, CL, I64)
+                h = tl.where(mask, tl.load(xg + offs, mask=mask, other=0.0).to(ACC) + _cvec(add, CL), 0.0)
+                kb = (nd * tl.minimum(S - s0, BLOCK_S)).to(ACC)
+                mb = tl.sum(tl.sum(h, axis=1), axis=0) / kb
+                db = tl.where(mask, h - mb, 0.0)
+                m2b = tl.sum(tl.sum(db * db, axis=1), axis=0)
+                kn = k + kb
+                delta = mb - mean
+                mean += delta * (kb / kn)
+                m2 += m2b + delta * delta * (k * kb / kn)
+                k = kn
+        rstd = 1.0 / CM.sqrt_acc(m2 / cnt + eps)
+        # pass 2: re-read and write y
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            dm = d < D
+            c = g * D + d
+            add, w, b, sc1, sh = _params(w_ptr, b_ptr, add_ptr, sc_ptr, sh_ptr, c, n * C + c, dm,
+                                         HAS_W, HAS_B, HAS_ADD, HAS_SC, HAS_SH, ACC)
+            shift_c = _cvec(add - mean, CL)  # x + (add - mean): the large parts cancel first
+            a_c = _cvec(rstd * w * sc1, CL)
+            b_c = _cvec(b * sc1 + sh, CL)
+            for s0 in range(0, S, BLOCK_S):
+                _, offs, mask = _tile(d0, s0, D, S, C, BLOCK_D, BLOCK_S, CL, I64)
+                x = tl.load(xg + offs, mask=mask, other=0.0).to(ACC)
+                z = (x + shift_c) * a_c + b_c
+                if SILU:
+                    z = z * _sigmoid(z)
+                tl.store(yg + offs, z.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(mean_ptr + pid, mean.to(mean_ptr.dtype.element_ty))
+    tl.store(rstd_ptr + pid, rstd.to(rstd_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _bwd_tile(dyg, xg, offs, mask, shift_c, rstd, gz_c, beta_c, SILU: tl.constexpr, CL: tl.constexpr,
+              ACC: tl.constexpr):
+    """(xhat, dz) of a tile, zero outside the group: xhat recomputed from x and
+    the saved statistics, dz = dy silu'(z)."""
+    x = tl.load(xg + offs, mask=mask, other=0.0).to(ACC)
+    xhat = tl.where(mask, (x + shift_c) * rstd, 0.0)
+    dz = tl.load(dyg + offs, mask=mask, other=0.0).to(ACC)
+    if SILU:
+        z = xhat * gz_c + beta_c
+        sg = _sigmoid(z)
+        dz = tl.where(mask, dz * (sg * (1.0 + z * (1.0 - sg))), 0.0)
+    return xhat, dz
+
+
+@triton.jit
+def _bwd_store_vecs(A, B, w, b, sc1, nc, dm, dsc_ptr, dsh_ptr, wa_ptr, wb_ptr,
+                    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SC: tl.constexpr, HAS_SH: tl.constexpr):
+    """The per-(n, c) gradients that need only A and B."""
+    if HAS_SH:
+        tl.store(dsh_ptr + nc, A.to(dsh_ptr.dtype.element_ty), mask=dm)
+    if HAS_SC:
+        tl.store(dsc_ptr + nc, (w * B + b * A).to(dsc_ptr.dtype.element_ty), mask=dm)
+    if HAS_B:
+        tl.store(wa_ptr + nc, (sc1 * A).to(wa_ptr.dtype.element_ty), mask=dm)
+    if HAS_W:
+        tl.store(wb_ptr + nc, (sc1 * B).to(wb_ptr.dtype.element_ty), mask=dm)
+
+
+@triton.jit
+def _gn_bwd_kernel(dy_ptr, x_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, add_ptr, sc_ptr, sh_ptr,
+                   dx_ptr, dadd_ptr, dsc_ptr, dsh_ptr, wa_ptr, wb_ptr,
+                   C, S, G, D,
+                   HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_ADD: tl.constexpr, HAS_SC: tl.constexpr,
+                   HAS_SH: tl.constexpr, SILU: tl.constexpr, CL: tl.constexpr, ACC: tl.constexpr,
+                   BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, SINGLE: tl.constexpr, I64: tl.constexpr):
+    pid = tl.program_id(0)
+    n, g, base = _group_base(pid, C, S, G, D, CL)
+    xg = x_ptr + base
+    dyg = dy_ptr + base
+    dxg = dx_ptr + base
+    mean = tl.load(mean_ptr + pid).to(ACC)
+    rstd = tl.load(rstd_ptr + pid).to(ACC)
+    cnt = (D * S).to(ACC)
+    if SINGLE:
+        d, offs, mask = _tile(0, 0, D, S, C, BLOCK_D, BLOCK_S, CL, I64)
+        dm = d < D
+        c = g * D + d
+        nc = n * C + c
+        add, w, b, sc1, sh = _params(w_ptr, b_ptr, add_ptr, sc_ptr, sh_ptr, c, nc, dm,
+                                     HAS_W, HAS_B, HAS_ADD, HAS_SC, HAS_SH, ACC)
+        gz = w * sc1  # d xhat = gz dz
+        xhat, dz = _bwd_tile(dyg, xg, offs, mask, _cvec(add - mean, CL), rstd, _cvec(gz, CL),
+                             _cvec(b * sc1 + sh, CL), SILU, CL, ACC)
+        A = _ssum(dz, CL)
+        B = _ssum(dz * xhat, CL)
+        s1 = tl.sum(gz * A, axis=0) / cnt
+        s2 = tl.sum(gz * B, axis=0) / cnt
+        dx = rstd * (dz * _cvec(gz, CL) - s1 - xhat * s2)
+        tl.store(dxg + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        if HAS_ADD:
+            tl.store(dadd_ptr + nc, _ssum(tl.where(mask, dx, 0.0), CL).to(dadd_ptr.dtype.element_ty), mask=dm)
+        _bwd_store_vecs(A, B, w, b, sc1, nc, dm, dsc_ptr, dsh_ptr, wa_ptr, wb_ptr, HAS_W, HAS_B, HAS_SC, HAS_SH)
+    else:
+        # pass 1: per-channel A, B -> s1, s2 (and the A/B-only gradients)
+        s1 = tl.zeros([], ACC)
+        s2 = tl.zeros([], ACC)
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            dm = d < D
+            c = g * D + d
+            nc = n * C + c
+            add, w, b, sc1, sh = _params(w_ptr, b_ptr, add_ptr, sc_ptr, sh_ptr, c, nc, dm,
+                                         HAS_W, HAS_B, HAS_ADD, HAS_SC, HAS_SH, ACC)
+            gz = w * sc1
+            shift_c = _cvec(add - mean, CL)
+            gz_c = _cvec(gz, CL)
+            beta_c = _cvec(b * sc1 + sh, CL)
+            A = tl.zeros([BLOCK_D], ACC)
+            B = tl.zeros([BLOCK_D], ACC)
+            for s0 in range(0, S, BLOCK_S):
+                _, offs, mask = _tile(d0, s0, D, S, C, BLOCK_D, BLOCK_S, CL, I64)
+                xhat, dz = _bwd_tile(dyg, xg, offs, mask, shift_c, rstd, gz_c, beta_c, SILU, CL, ACC)
+                A += _ssum(dz, CL)
+                B += _ssum(dz * xhat, CL)
+            s1 += tl.sum(gz * A, axis=0)
+            s2 += tl.sum(gz * B, axis=0)
+            _bwd_store_vecs(A, B, w, b, sc1, nc, dm, dsc_ptr, dsh_ptr, wa_ptr, wb_ptr,
+                            HAS_W, HAS_B, HAS_SC, HAS_SH)
+        s1 = s1 / cnt
+        s2 = s2 / cnt
+        # pass 2: dx, and d add = sum_s dx reduced on the way
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            dm = d < D
+            c = g * D + d
+            nc = n * C + c
+            add, w, b, sc1, sh = _params(w_ptr, b_ptr, add_ptr, sc_ptr, sh_ptr, c, nc, dm,
+                                         HAS_W, HAS_B, HAS_ADD, HAS_SC, HAS_SH, ACC)
+            shift_c = _cvec(add - mean, CL)
+            gz_c = _cvec(w * sc1, CL)
+            beta_c = _cvec(b * sc1 + sh, CL)
+            dsum = tl.zeros([BLOCK_D], ACC)
+            for s0 in range(0, S, BLOCK_S):
+                _, offs, mask = _tile(d0, s0, D, S, C, BLOCK_D, BLOCK_S, CL, I64)
+                xhat, dz = _bwd_tile(dyg, xg, offs, mask, shift_c, rstd, gz_c, beta_c, SILU, CL, ACC)
+                dx = rstd * (dz * gz_c - s1 - xhat * s2)
+                tl.store(dxg + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+                if HAS_ADD:
+                    dsum += _ssum(tl.where(mask, dx, 0.0), CL)
+            if HAS_ADD:
+                tl.store(dadd_ptr + nc, dsum.to(dadd_ptr.dtype.element_ty), mask=dm)
+
+
+# ------------------------------------------------------------- host side ---
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _check_vector(v: Optional[Tensor], x: Tensor, name: str, per_sample: bool) -> Optional[Tensor]:
+    if v is None:
+        return None
+    sd = gn_stat_dtype(x)
+    if v.dtype != sd:
+        raise RuntimeError(f"fastdiff: {name} must be {sd} (for {x.dtype} x), got {v.dtype}")
+    if v.device != x.device:
+        raise RuntimeError(f"fastdiff: {name} must be on {x.device}, got {v.device}")
+    want = (x.size(0), x.size(1)) if per_sample else (x.size(1),)
+    if tuple(v.shape) != want:
+        raise RuntimeError(f"fastdiff: {name} must have shape {want}, got {tuple(v.shape)}")
+    return v.contiguous()
+
+
+def _prepare(x: Tensor, weight, bias, add, scale, shift, groups: int):
+    """Checks (as csrc/blocks.h prepare_gn) -> (x canonical, channels_last, N, C, S, G, D, vectors)."""
+    if not isinstance(x, torch.Tensor) or x.dim() < 2:
+        raise RuntimeError(f"fastdiff: x must have shape (N, C, *spatial), got "
+                           f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if x.dtype not in _DTYPES:
+        raise RuntimeError(f"fastdiff: x must be float32, float16, bfloat16 or float64, got {x.dtype}")
+    groups = int(groups)
+    N, C = x.size(0), x.size(1)
+    if groups < 1 or C % groups != 0:
+        raise RuntimeError(f"fastdiff: groups={groups} must be positive and divide the number of channels C={C}")
+    S = 0 if N == 0 or C == 0 else x.numel() // (N * C)
+    D = C // groups
+    if N != 0 and S * D == 0:
+        raise RuntimeError(f"fastdiff: x has no elements per group (shape {tuple(x.shape)})")
+    vecs = (_check_vector(weight, x, "weight", False), _check_vector(bias, x, "bias", False),
+            _check_vector(add, x, "add", True), _check_vector(scale, x, "scale", True),
+            _check_vector(shift, x, "shift", True))
+    cl = gn_channels_last(x)
+    xc = x if (cl or x.is_contiguous()) else x.contiguous()
+    return xc, cl, N, C, S, groups, D, vecs
+
+
+def _flags(vecs):
+    w, b, add, sc, sh = vecs
+    return dict(HAS_W=w is not None, HAS_B=b is not None, HAS_ADD=add is not None, HAS_SC=sc is not None,
+                HAS_SH=sh is not None)
+
+
+def _i64(C: int, S: int) -> bool:
+    # in-group offsets (< C * S, one sample) in int64 only when they may overflow int32
+    return C * S + 2 * LOOP_TILE > CM.I64_THRESHOLD
+
+
+def group_norm_act(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], add: Optional[Tensor],
+                   scale: Optional[Tensor], shift: Optional[Tensor], groups: int, eps: float, silu: bool,
+                   *, block: Optional[int] = None):
+    """Schema ``group_norm_act(x, weight?, bias?, add?, scale?, shift?, groups, eps, silu) -> (y, mean, rstd)``.
+
+    ``block`` (tests only) caps the tile size in elements, forcing the looping
+    path for groups larger than it."""
+    xc, cl, N, C, S, G, D, vecs = _prepare(x, weight, bias, add, scale, shift, groups)
+    sd = gn_stat_dtype(x)
+    y = gn_empty_like(xc)
+    mean = torch.empty((N, G), dtype=sd, device=x.device)
+    rstd = torch.empty((N, G), dtype=sd, device=x.device)
+    if N == 0:
+        return y, mean, rstd
+    geo = _Geometry(D, S, cl, block or SINGLE_MAX_FWD, block or LOOP_TILE)
+    dummy = mean
+    _gn_fwd_kernel[(N * G,)](
+        xc, y, mean, rstd, *(dummy if v is None else v for v in vecs),
+        C, S, G, D, CM.f64_bits(eps),
+        SILU=bool(silu), CL=cl, ACC=CM.acc_dtype(x.dtype), BLOCK_D=geo.block_d, BLOCK_S=geo.block_s,
+        SINGLE=geo.single, I64=_i64(C, S), num_warps=geo.num_warps, **_flags(vecs))
+    return y, mean, rstd
+
+
+def _check_stat(s: Tensor, xc: Tensor, N: int, G: int, name: str) -> Tensor:
+    sd = gn_stat_dtype(xc)
+    if not isinstance(s, torch.Tensor) or s.dim() != 2 or tuple(s.shape) != (N, G) or s.dtype != sd \
+            or s.device != xc.device:
+        got = f"{s.dtype} {tuple(s.shape)} on {s.device}" if isinstance(s, torch.Tensor) else type(s).__name__
+        raise RuntimeError(f"fastdiff: {name} must be a {sd} tensor of shape ({N}, {G}) on {xc.device}, got {got}")
+    return s.contiguous()
+
+
+def _match_grad(grad_y: Tensor, xc: Tensor, cl: bool) -> Tensor:
+    """grad_y in xc's layout (copied only when it is in another one)."""
+    if not isinstance(grad_y, torch.Tensor) or grad_y.shape != xc.shape or grad_y.dtype != xc.dtype \
+            or grad_y.device != xc.device:
+        got = f"{grad_y.dtype} {tuple(grad_y.shape)}" if isinstance(grad_y, torch.Tensor) else type(grad_y).__name__
+        raise RuntimeError(f"fastdiff: grad_y must match x ({xc.dtype} {tuple(xc.shape)} on {xc.device}), got {got}")
+    if (gn_channels_last(grad_y) if cl else grad_y.is_contiguous()):
+        return grad_y
+    g = gn_empty_like(xc)
+    g.copy_(grad_y)
+    return g
+
+
+def group_norm_act_backward(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                            add: Optional[Tensor], scale: Optional[Tensor], shift: Optional[Tensor],
+                            mean: Tensor, rstd: Tensor, groups: int, silu: bool, *, block: Optional[int] = None):
+    """Schema ``group_norm_act_backward(grad_y, x, weight?, bias?, add?, scale?, shift?, mean, rstd, groups, silu)
+    -> (dx, dweight, dbias, dadd, dscale, dshift)``; an absent input's gradient is an empty (0,) tensor.
+
+    ``block`` (tests only) caps the tile size in elements, forcing the looping path."""
+    xc, cl, N, C, S, G, D, vecs = _prepare(x, weight, bias, add, scale, shift, groups)
+    mean = _check_stat(mean, xc, N, G, "mean")
+    rstd = _check_stat(rstd, xc, N, G, "rstd")
+    dy = _match_grad(grad_y, xc, cl)
+    sd = gn_stat_dtype(x)
+    dev = x.device
+    w, b, add_, sc, sh = vecs
+
+    def nc_or_empty(present):
+        return torch.empty((N, C), dtype=sd, device=dev) if present else torch.empty(0, dtype=sd, device=dev)
+
+    dx = gn_empty_like(xc)
+    dadd, dscale, dshift = nc_or_empty(add_ is not None), nc_or_empty(sc is not None), nc_or_empty(sh is not None)
+    wa, wb = nc_or_empty(b is not None), nc_or_empty(w is not None)  # (1 + scale) A, (1 + scale) B per (n, c)
+    if N > 0:
+        geo = _Geometry(D, S, cl, block or SINGLE_MAX_BWD, block or LOOP_TILE)
+        dummy = mean
+        outs = [dummy if t.numel() == 0 else t for t in (dadd, dscale, dshift, wa, wb)]
+        _gn_bwd_kernel[(N * G,)](
+            dy, xc, mean, rstd, *(dummy if v is None else v for v in vecs),
+            dx, *outs,
+            C, S, G, D,
+            SILU=bool(silu), CL=cl, ACC=CM.acc_dtype(x.dtype), BLOCK_D=geo.block_d, BLOCK_S=geo.block_s,
+            SINGLE=geo.single, I64=_i64(C, S), num_warps=geo.num_warps, **_flags(vecs))
+    # deterministic reduction over the batch (zeros for N = 0, as the sum of nothing)
+    dweight = wb.sum(0) if w is not None else torch.empty(0, dtype=sd, device=dev)
+    dbias = wa.sum(0) if b is not None else torch.empty(0, dtype=sd, device=dev)
+    return dx, dweight, dbias, dadd, dscale, dshift
