@@ -34,3 +34,8 @@ from ._info import info  # noqa: E402
 
 __all__ = ["NoiseSchedule", "q_sample", "get_velocity", "diffusion_loss", "ddpm_step", "ddim_step", "draw_key",
            "group_norm_act", "attention", "set_backend", "available_backends", "info", "__version__"]
+
+from . import nn  # noqa: E402  (fused U-Net modules, the DDPM U-Net, patch/unpatch)
+from .nn import UNet, patch, unpatch  # noqa: E402
+
+__all__ += ["nn", "UNet", "patch", "unpatch"]

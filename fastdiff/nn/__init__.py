@@ -1,0 +1,14 @@
+"""Fused U-Net modules, the DDPM U-Net with presets, and drop-in patching of
+existing PyTorch / diffusers models.
+
+    from fastdiff.nn import UNet, patch
+    model = UNet.from_preset("ddpm-cifar10")
+    report = patch(diffusers_unet)          # fuse GroupNorm+SiLU and attention in place
+"""
+from .layers import (AttentionBlock, Downsample, GroupNormAct, MLPDenoiser, ResBlock, TimeEmbedding, Upsample,
+                     timestep_embedding, unfused)
+from .patching import FastdiffAttnProcessor, PatchReport, patch, unpatch
+from .unet import PRESETS, UNet
+
+__all__ = ["GroupNormAct", "timestep_embedding", "TimeEmbedding", "ResBlock", "AttentionBlock", "Downsample",
+           "Upsample", "MLPDenoiser", "UNet", "PRESETS", "patch", "unpatch", "PatchReport", "FastdiffAttnProcessor", "unfused"]
