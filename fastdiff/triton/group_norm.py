@@ -12,13 +12,18 @@ contiguous one: [BLOCK_D, BLOCK_S] for NCHW, [BLOCK_S, BLOCK_D] for
 channels-last, so loads vectorise along s (NCHW) or along the D adjacent
 channels (NHWC) and per-channel sums are one tl.sum over the spatial axis.
 
-* SINGLE (the whole padded group fits one tile): load once, two-pass
-  statistics in registers (mean, then the sum of squared deviations), then
+Statistics are taken of d = (x - K) + add around a shift K near the mean
+(the group's rough mean, or its first tile's mean): x - K is exact when
+|mean| >> std, and mean = K + mean(d) keeps the low bits a plain fp32 mean
+loses, so y stays accurate to its own rounding for inputs offset by 1e3.
+
+* SINGLE (the whole padded group fits one tile): load once; K, mean(d) and
+  the sum of squared deviations are three reductions of the registers; then
   normalise and store: x is read from DRAM once.
 * looping (large groups): pass 1 walks the tiles and merges each tile's exact
-  (count, mean, M2) into the running ones (Chan et al.), so a mean far from 0
-  (inputs offset by 1e3) costs no accuracy; pass 2 re-reads the group and
-  writes y.
+  (count, mean, M2) of d into the running ones (Chan et al.): no
+  E[x^2] - E[x]^2 cancellation however many tiles; pass 2 re-reads the group
+  and writes y.
 
 Backward, per (n, g): pass 1 recomputes xhat, z and silu'(z), and reduces the
 per-channel A = sum_s dz, B = sum_s dz xhat, which give the group's
@@ -46,25 +51,26 @@ Tensor = torch.Tensor
 
 # ---------------------------------------------------------------- config ---
 # Elements of the one tile holding a whole group (SINGLE path), and of the
-# tiles of the looping path. The backward keeps x, dy, xhat and dz of a tile
-# live, hence its smaller single-tile budget. UNTUNED: chosen by register
-# arithmetic (<= 32 fp32 values per thread per live tile with the warps of
-# _warps), not measured on a GPU; retune SINGLE_MAX_* / LOOP_TILE / _warps there.
-SINGLE_MAX_FWD = 8192
-SINGLE_MAX_BWD = 4096
-LOOP_TILE = 2048
-
-
-def _warps(tile: int) -> int:
-    # UNTUNED: ~16 elements per thread, 1..16 warps.
-    return max(1, min(16, tile // 512))
+# tiles of the looping path, per kernel; float64 halves both (twice the
+# registers per element). Warps: the forward gives each thread ~16 elements
+# of a tile, the backward (x, dy, xhat, dz live) ~8. UNTUNED on a GPU: chosen
+# so that ptxas (sm_90) reports <= 128 registers and no spills for fp32/bf16
+# (float64 fits without spills except a few bytes in the looping backward);
+# retune these on a GPU.
+SINGLE_MAX = {"fwd": 8192, "bwd": 4096}
+LOOP_TILE = {"fwd": 2048, "bwd": 2048}
+ELEMS_PER_THREAD = {"fwd": 16, "bwd": 8}
 
 
 class _Geometry:
     """Tile shape of a call: BLOCK_D x BLOCK_S (powers of two), whether one
-    tile holds the whole group (single), and the warps."""
+    tile holds the whole group (single), and the warps. ``block`` (tests)
+    overrides both tile budgets."""
 
-    def __init__(self, D: int, S: int, channels_last: bool, single_max: int, loop_tile: int):
+    def __init__(self, kind: str, D: int, S: int, channels_last: bool, f64: bool, block: Optional[int]):
+        single_max, loop_tile = (block, block) if block else (SINGLE_MAX[kind], LOOP_TILE[kind])
+        if f64 and not block:
+            single_max, loop_tile = single_max // 2, loop_tile // 2
         # the contiguous extent gets its full power of two first, the other axis what is left
         ext_c, ext_o = (D, S) if channels_last else (S, D)
         pc, po = triton.next_power_of_2(ext_c), triton.next_power_of_2(ext_o)
@@ -75,7 +81,7 @@ class _Geometry:
             bc = min(pc, loop_tile)
             bo = min(po, max(1, loop_tile // bc))
         self.block_d, self.block_s = (bc, bo) if channels_last else (bo, bc)
-        self.num_warps = _warps(bc * bo)
+        self.num_warps = max(1, min(16, bc * bo // (32 * ELEMS_PER_THREAD[kind])))
 
 
 # ---------------------------------------------------------------- device ---
@@ -162,26 +168,40 @@ def _gn_fwd_kernel(x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, add_ptr, sc_p
     xg = x_ptr + base
     yg = y_ptr + base
     eps = CM.f64_from_bits(eps_bits).to(ACC)
-    cnt = (D * S).to(ACC)
+    cnt = (tl.zeros([], ACC) + D) * S  # D or S may be specialised to a constexpr 1
+    # statistics of d = (x - K) + add around a shift K near the mean (module docstring)
     if SINGLE:
         d, offs, mask = _tile(0, 0, D, S, C, BLOCK_D, BLOCK_S, CL, I64)
         dm = d < D
         c = g * D + d
         add, w, b, sc1, sh = _params(w_ptr, b_ptr, add_ptr, sc_ptr, sh_ptr, c, n * C + c, dm,
                                      HAS_W, HAS_B, HAS_ADD, HAS_SC, HAS_SH, ACC)
-        h = tl.where(mask, tl.load(xg + offs, mask=mask, other=0.0).to(ACC) + _cvec(add, CL), 0.0)
-        mean = tl.sum(tl.sum(h, axis=1), axis=0) / cnt
-        dev = tl.where(mask, h - mean, 0.0)  # exact two-pass: no E[x^2] - E[x]^2 cancellation
+        x = tl.load(xg + offs, mask=mask, other=0.0).to(ACC)
+        add_c = _cvec(add, CL)
+        K = tl.sum(tl.sum(tl.where(mask, x + add_c, 0.0), axis=1), axis=0) / cnt
+        dd = tl.where(mask, (x - K) + add_c, 0.0)
+        md = tl.sum(tl.sum(dd, axis=1), axis=0) / cnt
+        dev = tl.where(mask, dd - md, 0.0)  # two-pass: no E[x^2] - E[x]^2 cancellation
         var = tl.sum(tl.sum(dev * dev, axis=1), axis=0) / cnt
+        mean = K + md
         rstd = 1.0 / CM.sqrt_acc(var + eps)
         z = dev * _cvec(rstd * w * sc1, CL) + _cvec(b * sc1 + sh, CL)
         if SILU:
             z = z * _sigmoid(z)
         tl.store(yg + offs, z.to(y_ptr.dtype.element_ty), mask=mask)
     else:
-        # pass 1: per tile an exact (count, mean, M2) in registers, merged into the running ones
+        # K: the mean of the first tile (read again just below: cache-hot)
+        d_1, offs_1, mask_1 = _tile(0, 0, D, S, C, BLOCK_D, BLOCK_S, CL, I64)
+        c_1 = g * D + d_1
+        add_1, w_1, b_1, sc1_1, sh_1 = _params(w_ptr, b_ptr, add_ptr, sc_ptr, sh_ptr, c_1, n * C + c_1, d_1 < D,
+                                                  False, False, HAS_ADD, False, False, ACC)
+        x_1 = tl.load(xg + offs_1, mask=mask_1, other=0.0).to(ACC)
+        k_1 = (tl.zeros([], ACC) + tl.minimum(D, BLOCK_D)) * tl.minimum(S, BLOCK_S)
+        K = tl.sum(tl.sum(tl.where(mask_1, x_1 + _cvec(add_1, CL), 0.0), axis=1), axis=0) / k_1
+        # pass 1: per tile an exact (count, mean, M2) of d in registers, merged
+        # into the running ones (Chan et al.): no cancellation however many tiles
         k = tl.zeros([], ACC)
-        mean = tl.zeros([], ACC)
+        md = tl.zeros([], ACC)
         m2 = tl.zeros([], ACC)
         for d0 in range(0, D, BLOCK_D):
             d = d0 + tl.arange(0, BLOCK_D)
@@ -189,19 +209,22 @@ def _gn_fwd_kernel(x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, add_ptr, sc_p
             c = g * D + d
             add, w, b, sc1, sh = _params(w_ptr, b_ptr, add_ptr, sc_ptr, sh_ptr, c, n * C + c, dm,
                                          HAS_W, HAS_B, HAS_ADD, HAS_SC, HAS_SH, ACC)
+            add_c = _cvec(add, CL)
             nd = tl.minimum(D - d0, BLOCK_D)
             for s0 in range(0, S, BLOCK_S):
-                _, offs, mask = _tile(d0, s0, D, S, C, BLOCK_D, BLOCK_S, CL, I64)
-                h = tl.where(mask, tl.load(xg + offs, mask=mask, other=0.0).to(ACC) + _cvec(add, CL), 0.0)
-                kb = (nd * tl.minimum(S - s0, BLOCK_S)).to(ACC)
-                mb = tl.sum(tl.sum(h, axis=1), axis=0) / kb
-                db = tl.where(mask, h - mb, 0.0)
+                d_t, offs, mask = _tile(d0, s0, D, S, C, BLOCK_D, BLOCK_S, CL, I64)
+                x = tl.load(xg + offs, mask=mask, other=0.0).to(ACC)
+                dd = tl.where(mask, (x - K) + add_c, 0.0)
+                kb = (tl.zeros([], ACC) + nd) * tl.minimum(S - s0, BLOCK_S)
+                mb = tl.sum(tl.sum(dd, axis=1), axis=0) / kb
+                db = tl.where(mask, dd - mb, 0.0)
                 m2b = tl.sum(tl.sum(db * db, axis=1), axis=0)
                 kn = k + kb
-                delta = mb - mean
-                mean += delta * (kb / kn)
+                delta = mb - md
+                md += delta * (kb / kn)
                 m2 += m2b + delta * delta * (k * kb / kn)
                 k = kn
+        mean = K + md
         rstd = 1.0 / CM.sqrt_acc(m2 / cnt + eps)
         # pass 2: re-read and write y
         for d0 in range(0, D, BLOCK_D):
@@ -210,13 +233,13 @@ def _gn_fwd_kernel(x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, add_ptr, sc_p
             c = g * D + d
             add, w, b, sc1, sh = _params(w_ptr, b_ptr, add_ptr, sc_ptr, sh_ptr, c, n * C + c, dm,
                                          HAS_W, HAS_B, HAS_ADD, HAS_SC, HAS_SH, ACC)
-            shift_c = _cvec(add - mean, CL)  # x + (add - mean): the large parts cancel first
+            addm_c = _cvec(add - md, CL)  # (x - K) + (add - md) = h - mean, large parts cancelled first
             a_c = _cvec(rstd * w * sc1, CL)
             b_c = _cvec(b * sc1 + sh, CL)
             for s0 in range(0, S, BLOCK_S):
-                _, offs, mask = _tile(d0, s0, D, S, C, BLOCK_D, BLOCK_S, CL, I64)
+                d_t, offs, mask = _tile(d0, s0, D, S, C, BLOCK_D, BLOCK_S, CL, I64)
                 x = tl.load(xg + offs, mask=mask, other=0.0).to(ACC)
-                z = (x + shift_c) * a_c + b_c
+                z = ((x - K) + addm_c) * a_c + b_c
                 if SILU:
                     z = z * _sigmoid(z)
                 tl.store(yg + offs, z.to(y_ptr.dtype.element_ty), mask=mask)
@@ -225,12 +248,12 @@ def _gn_fwd_kernel(x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, add_ptr, sc_p
 
 
 @triton.jit
-def _bwd_tile(dyg, xg, offs, mask, shift_c, rstd, gz_c, beta_c, SILU: tl.constexpr, CL: tl.constexpr,
+def _bwd_tile(dyg, xg, offs, mask, mean, add_c, rstd, gz_c, beta_c, SILU: tl.constexpr, CL: tl.constexpr,
               ACC: tl.constexpr):
     """(xhat, dz) of a tile, zero outside the group: xhat recomputed from x and
     the saved statistics, dz = dy silu'(z)."""
     x = tl.load(xg + offs, mask=mask, other=0.0).to(ACC)
-    xhat = tl.where(mask, (x + shift_c) * rstd, 0.0)
+    xhat = tl.where(mask, ((x - mean) + add_c) * rstd, 0.0)
     dz = tl.load(dyg + offs, mask=mask, other=0.0).to(ACC)
     if SILU:
         z = xhat * gz_c + beta_c
@@ -267,7 +290,7 @@ def _gn_bwd_kernel(dy_ptr, x_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, add_ptr, sc_
     dxg = dx_ptr + base
     mean = tl.load(mean_ptr + pid).to(ACC)
     rstd = tl.load(rstd_ptr + pid).to(ACC)
-    cnt = (D * S).to(ACC)
+    cnt = (tl.zeros([], ACC) + D) * S  # D or S may be specialised to a constexpr 1
     if SINGLE:
         d, offs, mask = _tile(0, 0, D, S, C, BLOCK_D, BLOCK_S, CL, I64)
         dm = d < D
@@ -276,7 +299,7 @@ def _gn_bwd_kernel(dy_ptr, x_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, add_ptr, sc_
         add, w, b, sc1, sh = _params(w_ptr, b_ptr, add_ptr, sc_ptr, sh_ptr, c, nc, dm,
                                      HAS_W, HAS_B, HAS_ADD, HAS_SC, HAS_SH, ACC)
         gz = w * sc1  # d xhat = gz dz
-        xhat, dz = _bwd_tile(dyg, xg, offs, mask, _cvec(add - mean, CL), rstd, _cvec(gz, CL),
+        xhat, dz = _bwd_tile(dyg, xg, offs, mask, mean, _cvec(add, CL), rstd, _cvec(gz, CL),
                              _cvec(b * sc1 + sh, CL), SILU, CL, ACC)
         A = _ssum(dz, CL)
         B = _ssum(dz * xhat, CL)
@@ -299,14 +322,14 @@ def _gn_bwd_kernel(dy_ptr, x_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, add_ptr, sc_
             add, w, b, sc1, sh = _params(w_ptr, b_ptr, add_ptr, sc_ptr, sh_ptr, c, nc, dm,
                                          HAS_W, HAS_B, HAS_ADD, HAS_SC, HAS_SH, ACC)
             gz = w * sc1
-            shift_c = _cvec(add - mean, CL)
+            add_c = _cvec(add, CL)
             gz_c = _cvec(gz, CL)
             beta_c = _cvec(b * sc1 + sh, CL)
             A = tl.zeros([BLOCK_D], ACC)
             B = tl.zeros([BLOCK_D], ACC)
             for s0 in range(0, S, BLOCK_S):
-                _, offs, mask = _tile(d0, s0, D, S, C, BLOCK_D, BLOCK_S, CL, I64)
-                xhat, dz = _bwd_tile(dyg, xg, offs, mask, shift_c, rstd, gz_c, beta_c, SILU, CL, ACC)
+                d_t, offs, mask = _tile(d0, s0, D, S, C, BLOCK_D, BLOCK_S, CL, I64)
+                xhat, dz = _bwd_tile(dyg, xg, offs, mask, mean, add_c, rstd, gz_c, beta_c, SILU, CL, ACC)
                 A += _ssum(dz, CL)
                 B += _ssum(dz * xhat, CL)
             s1 += tl.sum(gz * A, axis=0)
@@ -323,13 +346,13 @@ def _gn_bwd_kernel(dy_ptr, x_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, add_ptr, sc_
             nc = n * C + c
             add, w, b, sc1, sh = _params(w_ptr, b_ptr, add_ptr, sc_ptr, sh_ptr, c, nc, dm,
                                          HAS_W, HAS_B, HAS_ADD, HAS_SC, HAS_SH, ACC)
-            shift_c = _cvec(add - mean, CL)
+            add_c = _cvec(add, CL)
             gz_c = _cvec(w * sc1, CL)
             beta_c = _cvec(b * sc1 + sh, CL)
             dsum = tl.zeros([BLOCK_D], ACC)
             for s0 in range(0, S, BLOCK_S):
-                _, offs, mask = _tile(d0, s0, D, S, C, BLOCK_D, BLOCK_S, CL, I64)
-                xhat, dz = _bwd_tile(dyg, xg, offs, mask, shift_c, rstd, gz_c, beta_c, SILU, CL, ACC)
+                d_t, offs, mask = _tile(d0, s0, D, S, C, BLOCK_D, BLOCK_S, CL, I64)
+                xhat, dz = _bwd_tile(dyg, xg, offs, mask, mean, add_c, rstd, gz_c, beta_c, SILU, CL, ACC)
                 dx = rstd * (dz * gz_c - s1 - xhat * s2)
                 tl.store(dxg + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
                 if HAS_ADD:
@@ -387,7 +410,7 @@ def _flags(vecs):
 
 def _i64(C: int, S: int) -> bool:
     # in-group offsets (< C * S, one sample) in int64 only when they may overflow int32
-    return C * S + 2 * LOOP_TILE > CM.I64_THRESHOLD
+    return C * S + 2 * SINGLE_MAX["fwd"] > CM.I64_THRESHOLD
 
 
 def group_norm_act(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], add: Optional[Tensor],
@@ -404,7 +427,7 @@ def group_norm_act(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], 
     rstd = torch.empty((N, G), dtype=sd, device=x.device)
     if N == 0:
         return y, mean, rstd
-    geo = _Geometry(D, S, cl, block or SINGLE_MAX_FWD, block or LOOP_TILE)
+    geo = _Geometry("fwd", D, S, cl, x.dtype == torch.float64, block)
     dummy = mean
     _gn_fwd_kernel[(N * G,)](
         xc, y, mean, rstd, *(dummy if v is None else v for v in vecs),
@@ -458,7 +481,7 @@ def group_norm_act_backward(grad_y: Tensor, x: Tensor, weight: Optional[Tensor],
     dadd, dscale, dshift = nc_or_empty(add_ is not None), nc_or_empty(sc is not None), nc_or_empty(sh is not None)
     wa, wb = nc_or_empty(b is not None), nc_or_empty(w is not None)  # (1 + scale) A, (1 + scale) B per (n, c)
     if N > 0:
-        geo = _Geometry(D, S, cl, block or SINGLE_MAX_BWD, block or LOOP_TILE)
+        geo = _Geometry("bwd", D, S, cl, x.dtype == torch.float64, block)
         dummy = mean
         outs = [dummy if t.numel() == 0 else t for t in (dadd, dscale, dshift, wa, wb)]
         _gn_bwd_kernel[(N * G,)](
