@@ -23,6 +23,11 @@ What is measured (see benchmarks/README.md):
   ``dst.copy_(src)``, bytes = read + write). ``pred_ms`` = bytes / copy
   bandwidth is the memory-bound prediction;
 * speedup = baseline median / fastdiff median, per baseline.
+
+The U-Net block operators (GroupNorm+SiLU, attention, the U-Net training
+step with its peak memory) are benchmarked by :mod:`fastdiff.bench_blocks`
+through the same :func:`run`; ``ops`` may name them, or the families
+``elementwise`` and ``blocks``.
 """
 from __future__ import annotations
 
@@ -54,7 +59,23 @@ OPS = {
     "ddpm_step": "DDPM ancestral step with noise (fixed_small variance)",
     "ddim_step": "DDIM step, eta = 0 (50-step respaced chain)",
 }
-BASELINES = ("diffusers", "eager", "compile")
+# the U-Net block operators, timed by fastdiff.bench_blocks
+BLOCK_OPS = {
+    "group_norm_act": "GroupNorm+SiLU (plain, + time-embedding add, + scale/shift): forward, backward, both; "
+                      "NCHW and channels_last",
+    "attention": "attention core softmax(q k^T/sqrt(D)) v: forward, forward + backward (U-Net self-attention, "
+                 "1 head; cross-attention to 77 keys)",
+    "unet_step": "DDPM CIFAR-10 U-Net training step (forward + backward + Adam): time and peak memory, "
+                 "fused modules vs stock PyTorch layers",
+}
+ALL_OPS = {**OPS, **BLOCK_OPS}
+# what `fastdiff bench` (no --ops) runs
+DEFAULT_OPS = tuple(ALL_OPS)
+# --ops accepts these names for a whole family
+FAMILIES = {"elementwise": tuple(OPS), "blocks": tuple(BLOCK_OPS)}
+# speedup_vs_<baseline> of the fastdiff rows; sdpa: F.scaled_dot_product_attention (attention),
+# stock: the U-Net built from stock PyTorch layers (unet_step)
+BASELINES = ("diffusers", "eager", "compile", "sdpa", "stock")
 
 DEFAULT_SHAPES = {
     "cpu": [(128, 3, 64, 64)],
@@ -99,6 +120,22 @@ def parse_dtype(text) -> torch.dtype:
 
 def shape_str(shape) -> str:
     return "x".join(str(d) for d in shape)
+
+
+def expand_ops(names: Optional[Sequence[str]]) -> list:
+    """Op keys (or family names: elementwise, blocks) -> op keys, in order,
+    without duplicates; None or empty -> :data:`DEFAULT_OPS`. Unknown names raise ValueError."""
+    if not names:
+        return list(DEFAULT_OPS)
+    out = []
+    for n in names:
+        for o in FAMILIES.get(n, (n,)):
+            if o not in ALL_OPS:
+                raise ValueError(f"unknown op {o!r}; ops are {', '.join(ALL_OPS)} (families: "
+                                 f"{', '.join(FAMILIES)})")
+            if o not in out:
+                out.append(o)
+    return out
 
 
 def resolve_device(device: str) -> str:
@@ -622,15 +659,19 @@ _KERNEL_OF = {"q_sample_rng": "q_sample_rng", "q_sample": "q_sample", "diffusion
 
 def add_speedups(rows: list) -> list:
     """speedup_vs_<baseline> = baseline median / this row's median, for
-    every fastdiff row, against the baseline rows of the same op/shape/dtype."""
-    index = {(r["op"], r["shape"], r["dtype"], r["impl"]): r for r in rows if not r["impl"].startswith("fastdiff")}
+    every fastdiff row, against the baseline row of the same op/shape/dtype
+    and the same variant (block ops: layout, mode, ...) or, failing that,
+    the baseline row without a variant (the elementwise baselines)."""
+    index = {(r["op"], r["shape"], r["dtype"], r["impl"], r.get("variant") or ""): r for r in rows
+             if not r["impl"].startswith("fastdiff")}
     for r in rows:
         for b in BASELINES:
             r[f"speedup_vs_{b}"] = None
         if not r["impl"].startswith("fastdiff") or not r["median_ms"]:
             continue
         for b in BASELINES:
-            base = index.get((r["op"], r["shape"], r["dtype"], b))
+            key = (r["op"], r["shape"], r["dtype"], b)
+            base = index.get(key + (r.get("variant") or "",)) or index.get(key + ("",))
             if base is not None and base["median_ms"]:
                 r[f"speedup_vs_{b}"] = base["median_ms"] / r["median_ms"]
     return rows
@@ -638,18 +679,27 @@ def add_speedups(rows: list) -> list:
 
 def run(device: str = "cpu", ops: Optional[Sequence[str]] = None, dtype="fp32", shapes=None, quick: bool = False,
         compile: Optional[bool] = None, log: Optional[Callable[[str], None]] = None,
-        copy_gbps: Optional[float] = None) -> list:
-    """Time every case of ``ops`` (default: all of :data:`OPS`) at each shape
-    (default: :data:`DEFAULT_SHAPES`, or :data:`QUICK_SHAPES` with ``quick``)
-    and dtype(s) ("fp32"/"fp16"/"bf16", one or a list). ``compile`` (default:
-    on unless ``quick``) adds the torch.compile baseline. Returns one dict per
+        copy_gbps: Optional[float] = None, full: bool = False, block_shapes=None, batch: Optional[int] = None,
+        compile_budget_s: Optional[float] = None, unet_preset: Optional[str] = None) -> list:
+    """Time every case of ``ops`` (default: :data:`DEFAULT_OPS`, all of them; family
+    names allowed, see :func:`expand_ops`). The elementwise ops run at each
+    of ``shapes`` (default: :data:`DEFAULT_SHAPES`, or :data:`QUICK_SHAPES`
+    with ``quick``); the block ops at ``block_shapes`` (feature maps
+    N x C x H x W; default: the DDPM CIFAR-10 shapes of
+    :mod:`fastdiff.bench_blocks`, smaller batches on CPU unless ``full``;
+    ``batch`` replaces their batch and the U-Net step's, whose model is
+    ``fastdiff.nn.UNet.from_preset(unet_preset)``, default "ddpm-cifar10",
+    "tiny" with ``quick``). dtype(s):
+    "fp32"/"fp16"/"bf16", one or a list. ``compile`` (default: on unless
+    ``quick``) adds the torch.compile baseline; ``compile_budget_s`` caps the
+    compilation time of each family (default: :data:`COMPILE_BUDGET_S`, and
+    the block budget of :mod:`fastdiff.bench_blocks`). Returns one dict per
     case (see :func:`format_table`); every row carries ``copy_gbps``."""
     device = resolve_device(device)
     log = log or (lambda msg: None)
-    ops = list(OPS) if not ops else list(ops)
-    for o in ops:
-        if o not in OPS:
-            raise ValueError(f"unknown op {o!r}; ops are {', '.join(OPS)}")
+    ops = expand_ops(ops)
+    block_ops = [o for o in ops if o in BLOCK_OPS]
+    ops = [o for o in ops if o in OPS]
     dtypes = [parse_dtype(d) for d in ([dtype] if isinstance(dtype, (str, torch.dtype)) else dtype)]
     if shapes is None:
         shapes = (QUICK_SHAPES if quick else DEFAULT_SHAPES)[device]
@@ -657,16 +707,17 @@ def run(device: str = "cpu", ops: Optional[Sequence[str]] = None, dtype="fp32", 
     if compile is None:
         compile = not quick
     why_off = "skipped: --no-compile" if not quick else "skipped in --quick (use --compile to time it)"
-    compiler = _Compiler(bool(compile), why_off, COMPILE_BUDGET_S[device])
-    diff_mod, diff_note = _import_diffusers()
-    if copy_gbps is None:
+    compiler = _Compiler(bool(compile), why_off, COMPILE_BUDGET_S[device] if compile_budget_s is None
+                         else compile_budget_s)
+    diff_mod, diff_note = _import_diffusers() if ops else (None, "")
+    if copy_gbps is None and (ops or [o for o in block_ops if o != "unet_step"]):
         log(f"measuring the {device} copy bandwidth ...")
         copy_gbps = copy_bandwidth(device, quick)
         log(f"copy bandwidth: {copy_gbps:.1f} GB/s")
     cache = _cache_bytes(device)
     sched = fastdiff.NoiseSchedule.make("linear", T_TRAIN, device=device)
     rows = []
-    for shape in shapes:
+    for shape in shapes if ops else ():
         for dt in dtypes:
             elem = torch.empty((), dtype=dt).element_size()
             for op_name in ops:
@@ -704,6 +755,11 @@ def run(device: str = "cpu", ops: Optional[Sequence[str]] = None, dtype="fp32", 
                     log(f"  {label:<70}" + (f"{row['median_ms']:9.3f} ms" if st else f"  {case.note}"))
                 del cases, ctx
                 _free(device)
+    if block_ops:
+        from . import bench_blocks
+
+        rows += bench_blocks.run_blocks(device, block_ops, dtypes, block_shapes, quick, full, compile, log, copy_gbps,
+                                        batch, compile_budget_s, unet_preset)
     return add_speedups(rows)
 
 
@@ -720,26 +776,65 @@ def _impl_label(r) -> str:
 
 
 # ------------------------------------------------------------- reports ------
-def format_table(rows: list) -> str:
-    """An aligned text table: op, shape, dtype, impl, median/p20/p80 ms,
-    GB/s, % of the copy bandwidth and the fastdiff speedups ('x' = baseline
-    time / fastdiff time); notes for skipped cases follow."""
-    def f(v, spec):
-        return "-" if v is None else format(v, spec)
+def _sections(rows: list) -> list:
+    """[(block op or None, rows)] in order of first appearance: the
+    elementwise ops together (None), then one section per block op."""
+    out: dict = {}
+    for r in rows:
+        out.setdefault(r["op"] if r["op"] in BLOCK_OPS else None, []).append(r)
+    return list(out.items())
 
-    head = ["op", "shape", "dtype", "impl", "median ms", "p20 ms", "p80 ms", "GB/s", "% copy",
-            "vs diffusers", "vs eager", "vs compile"]
-    body, notes = [], []
+
+def _fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+# optional columns: (header, shown when any row has this key set, cell)
+_EXTRA_COLS = [
+    ("GB/s", "bytes", lambda r: _fmt(r.get("gbps"), ".1f")),
+    ("% copy", "bytes", lambda r: _fmt(r.get("pct_copy_bw"), ".0f") + ("%" if r.get("pct_copy_bw") is not None
+                                                                        else "")),
+    ("TFLOP/s", "flops", lambda r: _fmt(r.get("tflops"), ".3g")),
+    ("peak MiB", "peak_mem_bytes", lambda r: _fmt(r["peak_mem_bytes"] / 2**20 if r.get("peak_mem_bytes") is not None
+                                                  else None, ".0f")),
+    ("step MiB", "step_mem_bytes", lambda r: _fmt(r["step_mem_bytes"] / 2**20 if r.get("step_mem_bytes") is not None
+                                                  else None, ".0f")),
+    ("mem vs stock", "peak_mem_bytes", lambda r: "" if r.get("peak_mem_ratio_vs_stock") is None
+     else f"{r['peak_mem_ratio_vs_stock']:.2f}"),
+    ("step vs stock", "step_mem_bytes", lambda r: "" if r.get("step_mem_ratio_vs_stock") is None
+     else f"{r['step_mem_ratio_vs_stock']:.2f}"),
+]
+
+
+def _section_table(rows: list, block: bool) -> tuple:
+    """(lines, notes) of one section: only the columns its rows fill, and a
+    'vs <baseline>' column for each baseline timed in it."""
+    extra = [c for c in _EXTRA_COLS if any(r.get(c[1]) for r in rows)]
+    bases = [b for b in BASELINES if any(r["impl"] == b for r in rows)]
+    head = ["op", "shape", "dtype", "impl", "median ms", "p20 ms", "p80 ms"] + [c[0] for c in extra] + \
+        [f"vs {b}" for b in bases]
+    body, notes, merged = [], [], {}
     for r in rows:
         if r["median_ms"] is None:
-            body.append([r["op"], r["shape"], r["dtype"], _impl_label(r), "-", "-", "-", "-", "-", "", "", ""])
-            notes.append(f"{r['op']} {r['shape']} {r['dtype']} {_impl_label(r)}: {r['note'] or 'not run'}")
-            continue
-        body.append([r["op"], r["shape"], r["dtype"], _impl_label(r), f(r["median_ms"], ".3f"),
-                     f(r["p20_ms"], ".3f"), f(r["p80_ms"], ".3f"), f(r["gbps"], ".1f"),
-                     f(r["pct_copy_bw"], ".0f") + ("%" if r["pct_copy_bw"] is not None else "")]
-                    + [("" if r.get(f"speedup_vs_{b}") is None else f"{r[f'speedup_vs_{b}']:.2f}x")
-                       for b in BASELINES])
+            body.append([r["op"], r["shape"], r["dtype"], _impl_label(r), "-", "-", "-"] + ["-"] * len(extra)
+                        + [""] * len(bases))
+            if not block:
+                notes.append(f"{r['op']} {r['shape']} {r['dtype']} {_impl_label(r)}: {r['note'] or 'not run'}")
+        else:
+            body.append([r["op"], r["shape"], r["dtype"], _impl_label(r), _fmt(r["median_ms"], ".3f"),
+                         _fmt(r["p20_ms"], ".3f"), _fmt(r["p80_ms"], ".3f")] + [c[2](r) for c in extra]
+                        + [("" if r.get(f"speedup_vs_{b}") is None else f"{r[f'speedup_vs_{b}']:.2f}x")
+                           for b in bases])
+        note = r.get("note") or ("not run" if r["median_ms"] is None else "")
+        if block and note and not note.startswith("first call"):
+            # block sections have many cases: one line per (impl, note), with its count
+            note = note.split("; first call")[0]
+            merged.setdefault(note, []).append(r)
+    for note, rs in merged.items():
+        impls = ", ".join(dict.fromkeys(r["impl"] for r in rs))
+        where = f"{rs[0]['shape']} {rs[0]['dtype']}" + (f" [{rs[0]['variant']}]" if rs[0].get("variant") else "") \
+            if len(rs) == 1 else f"{len(rs)} rows"
+        notes.append(f"{rows[0]['op']} {impls} ({where}): {note}")
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)] if body else [len(h) for h in head]
     right = set(range(4, len(head)))
 
@@ -750,11 +845,29 @@ def format_table(rows: list) -> str:
     out = [line(head), line(["-" * w for w in widths])]
     prev = None
     for r, cells in zip(rows, body):
-        key = (r["op"], r["shape"], r["dtype"])
+        key = (r["op"], r["shape"], r["dtype"]) + ((r.get("variant"),) if block else ())
         if prev is not None and key != prev:
             out.append("")
         prev = key
         out.append(line(cells))
+    return out, notes
+
+
+def format_table(rows: list) -> str:
+    """An aligned text table: op, shape, dtype, impl, median/p20/p80 ms,
+    GB/s, % of the copy bandwidth and the fastdiff speedups ('x' = baseline
+    time / fastdiff time); notes for skipped cases follow. The block ops
+    get a section each, with the columns they fill (TFLOP/s for attention,
+    peak memory for the U-Net step)."""
+    out, notes = [], []
+    for block, sec in _sections(rows):
+        if block is not None:
+            if out:
+                out.append("")
+            out.append(f"== {block}: {BLOCK_OPS[block]}")
+        lines, n = _section_table(sec, block is not None)
+        out += lines
+        notes += n
     cbw = next((r.get("copy_gbps") for r in rows if r.get("copy_gbps")), None)
     if cbw:
         out.append("")
@@ -844,8 +957,11 @@ def to_json(rows: list, meta: dict) -> dict:
 
 
 def plot(rows: list, path: str) -> str:
-    """A bar chart of the fastdiff speedups (one group per op/shape/dtype, one
-    bar per fastdiff impl x baseline). Returns a message; needs matplotlib."""
+    """A bar chart of the fastdiff speedups (one group per op/shape/dtype,
+    and per variant for the block ops; one bar per fastdiff impl x
+    baseline; for the U-Net step also stock/fastdiff peak memory), one
+    panel per section of :func:`format_table`. Returns a message; needs
+    matplotlib."""
     try:
         import matplotlib
 
@@ -853,45 +969,49 @@ def plot(rows: list, path: str) -> str:
         import matplotlib.pyplot as plt
     except Exception as e:
         return f"plot skipped: matplotlib is not importable ({type(e).__name__})"
-    fd = [r for r in rows if r["impl"].startswith("fastdiff") and r["median_ms"]]
-    if not fd:
+    panels = [(block, [r for r in sec if r["impl"].startswith("fastdiff") and r["median_ms"]])
+              for block, sec in _sections(rows)]
+    panels = [(b, sec) for b, sec in panels if sec]
+    if not panels:
         return "plot skipped: no fastdiff rows were timed"
-    groups = []
-    for r in fd:
-        g = f"{r['op']}\n{r['shape']} {r['dtype']}"
-        if g not in groups:
-            groups.append(g)
-    series = []
-    for r in fd:
-        for b in BASELINES:
-            name = f"{_impl_label(r)} vs {b}"
-            if r.get(f"speedup_vs_{b}") and name not in series:
-                series.append(name)
-    fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(groups)), 5))
-    width = 0.8 / max(len(series), 1)
-    for k, name in enumerate(series):
-        vals = []
-        for g in groups:
-            v = 0.0
-            for r in fd:
-                gg = f"{r['op']}\n{r['shape']} {r['dtype']}"
-                for b in BASELINES:
-                    if gg == g and f"{_impl_label(r)} vs {b}" == name and r.get(f"speedup_vs_{b}"):
-                        v = r[f"speedup_vs_{b}"]
-            vals.append(v)
-        bars = ax.bar([i + k * width for i in range(len(groups))], [v or float("nan") for v in vals], width,
-                      label=name)
-        for bar, v in zip(bars, vals):
-            if v:
-                ax.annotate(f"{v:.2g}x", (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom",
-                            fontsize=6)
-    ax.set_yscale("log")
-    ax.axhline(1.0, color="k", lw=0.8)
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))])
-    ax.set_xticklabels(groups, fontsize=8)
-    ax.set_ylabel("speedup (baseline time / fastdiff time)")
-    ax.set_title(f"fastdiff speedups on {rows[0]['device']}")
-    ax.legend(fontsize=7, ncol=2)
+    sizes = []
+    for block, sec in panels:
+        vals: dict = {}  # (group, series) -> value
+        groups, series = [], []
+        for r in sec:
+            g = f"{r['shape']} {r['dtype']}\n{r.get('variant') or ''}" if block else \
+                f"{r['op']}\n{r['shape']} {r['dtype']}"
+            label = r["impl"] if block else _impl_label(r)
+            pairs = [(f"{label} vs {b}", r.get(f"speedup_vs_{b}")) for b in BASELINES]
+            if r.get("peak_mem_ratio_vs_stock"):
+                pairs.append((f"{label}: stock / fastdiff peak memory", 1.0 / r["peak_mem_ratio_vs_stock"]))
+            for name, v in pairs:
+                if v:
+                    groups += [g] if g not in groups else []
+                    series += [name] if name not in series else []
+                    vals[(g, name)] = v
+        sizes.append((groups, series, vals))
+    # the elementwise panel keeps its old width; block panels (many variants) get room for their bars
+    width = max(8.0, min(40.0, max(1.6 * len(g) if b is None else 0.35 * len(g) * max(len(s), 1) + 2
+                                   for (b, _), (g, s, _) in zip(panels, sizes))))
+    fig, axes = plt.subplots(len(panels), 1, figsize=(width, 5 * len(panels)), squeeze=False)
+    for ax, (block, _), (groups, series, vals) in zip(axes[:, 0], panels, sizes):
+        w = 0.8 / max(len(series), 1)
+        for k, name in enumerate(series):
+            v = [vals.get((g, name), 0.0) for g in groups]
+            bars = ax.bar([i + k * w for i in range(len(groups))], [x or float("nan") for x in v], w, label=name)
+            for bar, x in zip(bars, v):
+                if x:
+                    ax.annotate(f"{x:.2g}x", (bar.get_x() + bar.get_width() / 2, x), ha="center", va="bottom",
+                                fontsize=6)
+        ax.set_yscale("log")
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xticks([i + 0.4 - w / 2 for i in range(len(groups))])
+        ax.set_xticklabels(groups, fontsize=8 if len(groups) <= 12 else 6, rotation=0 if len(groups) <= 12 else 90)
+        ax.set_ylabel("speedup (baseline time / fastdiff time)")
+        what = f"{block}: " if block else ("elementwise ops: " if len(panels) > 1 else "")
+        ax.set_title(f"{what}fastdiff speedups on {rows[0]['device']}")
+        ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -90,9 +90,11 @@ def group_norm_act(x: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
 
 
 def fused_attention_supported(q: Tensor, k: Tensor, v: Tensor) -> bool:
-    """True when the fused (Triton) attention kernel runs these inputs: CUDA
-    tensors, float32/float16/bfloat16, head dim <= 512, and a Triton backend."""
-    if not q.is_cuda or q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+    """True when ``fastdiff.attention`` picks the fused (Triton) kernel by
+    default: CUDA tensors in float16/bfloat16, head dim <= 512, and a Triton
+    backend. float32 goes to SDPA by default (the fused kernel's exact fp32
+    path runs without tensor cores); ``fused=True`` forces the kernel."""
+    if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
         return False
     if q.shape[-1] > 512 or q.shape[-1] < 1:
         return False
