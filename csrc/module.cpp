@@ -4,6 +4,7 @@
 // entry points directly so benchmarks and tests can pick a backend.
 #include <torch/extension.h>
 
+#include "blocks.h"
 #include "host.h"
 
 namespace {
@@ -38,6 +39,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("diffusion_loss_cuda", &fastdiff::diffusion_loss_cuda);
   m.def("ddpm_step_cuda", &fastdiff::ddpm_step_cuda);
   m.def("ddim_step_cuda", &fastdiff::ddim_step_cuda);
+  m.def("group_norm_act_cuda", &fastdiff::group_norm_act_cuda);
+  m.def("group_norm_act_backward_cuda", &fastdiff::group_norm_act_backward_cuda);
 #else
   m.attr("with_cuda") = false;
 #endif
