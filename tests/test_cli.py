@@ -85,7 +85,8 @@ def test_bench_quick_json(tmp_path):
     for op in ops - {"attention"}:  # fused attention has no CPU kernel (SDPA): its rows carry a note, no time
         fd = [r for r in rows if r["op"] == op and r["impl"] == "fastdiff"]
         assert fd and all(r["median_ms"] > 0 and r["p20_ms"] <= r["median_ms"] <= r["p80_ms"] for r in fd)
-        assert all(r["speedup_vs_eager"] > 0 for r in fd)
+        if op in elementwise:
+            assert all(r["speedup_vs_eager"] > 0 for r in fd)
     # --quick skips torch.compile, with a note
     comp = [r for r in rows if r["impl"] == "compile"]
     assert comp and all(r["median_ms"] is None and r["note"] for r in comp)
