@@ -2,21 +2,26 @@
 // then SiLU, forward and backward. The maths is in
 // fastdiff/reference/blocks.py, the host contract in csrc/blocks.h.
 //
-// Memory plan (the data is read from DRAM once per pass that cannot be
-// avoided; the other passes hit L1/L2):
+// Memory plan: each input is read from DRAM once per pass that cannot be
+// avoided; the other passes hit L1/L2.
 //  - NCHW: one (n, g) group at a time. The group is contiguous and small
-//    (8-64 KB in U-Nets), so the two statistics passes and the normalising
-//    pass all read it from cache.
+//    (2-64 KB in U-Nets): two statistics passes and the normalising pass
+//    all read it from cache, and the next group is prefetched while this
+//    one is normalised. The backward keeps silu'(z) dy of the group in a
+//    float buffer for its dx pass.
 //  - NHWC: rows of C channels. Per-channel statistics over blocks of rows
 //    (two-pass inside an L1-sized block, blocks merged exactly by Chan's
 //    formula), folded into group statistics, then a second sweep
 //    normalises. Whole samples per task when there are enough samples for
 //    the threads, else spatial tiles in two parallel phases.
-// Statistics: float lanes over short runs, then double; the second pass is
-// centred on the first pass's mean and corrected by its residual sum, so an
+// Statistics: float sums over short runs, then double; the second pass is
+// centred on the first pass's mean and corrected by its residual sum, and
+// x - mean is formed as (x - hi) - lo with hi + lo = mean in double, so an
 // input offset of 1e3 costs no accuracy. float64 data runs the same code in
-// double. fp16/bf16 are converted with branch-free bit arithmetic so every
+// double. fp16/bf16 are converted with branch-free bit arithmetic, so every
 // loop vectorises; the kernels are compiled once more for AVX2 + FMA.
+// Parameter gradients are reduced over n in a fixed order: deterministic
+// for any thread count.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -25,6 +30,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include "../blocks.h"
@@ -73,7 +79,9 @@
 namespace fastdiff {
 namespace {
 
-constexpr int64_t kFlush = 2048;    // elements summed in float lanes before they move to double
+constexpr int64_t kFlush = 512;     // elements summed in float before the sum moves to double
+constexpr int64_t kRun = 256;       // the same for the vector accumulators of the statistics passes
+constexpr int64_t kSumRows = 16;    // the same for the per-channel sums of the NHWC backward (in rows)
 constexpr int64_t kMinWork = 32768; // elements per thread below which a tensor stays on one thread
 constexpr int64_t kMaxDzScratch = 1 << 19;  // NHWC backward: largest sample whose dz is kept (2 MB fp32)
 
@@ -103,9 +111,11 @@ FD_INLINE double sel(bool c, double a, double b) { return c ? a : b; }
 // branch), exact and round-to-nearest-even like c10::Half.
 FD_INLINE float half_to_float(uint16_t h) {
   const uint32_t em = static_cast<uint32_t>(h & 0x7FFFu) << 13;
-  // exponent rebias by a multiply: also turns fp16 subnormals into normals
-  uint32_t u = f_bits(bits_f(em) * 5.192296858534828e+33f /* 2^112 */);
-  u |= (h & 0x7C00u) == 0x7C00u ? 0x7F800000u : 0u;  // inf / NaN keep their payload
+  const uint32_t e = h & 0x7C00u;
+  uint32_t u = sel_u(e == 0x7C00u, em | 0x7F800000u, em + (112u << 23));  // inf / NaN keep their payload
+  // subnormals from the integer mantissa (no subnormal float arithmetic,
+  // so this stays exact when denormals are flushed)
+  u = sel_u(e == 0u, f_bits(static_cast<float>(h & 0x3FFu) * 5.9604644775390625e-8f /* 2^-24 */), u);
   return bits_f(u | (static_cast<uint32_t>(h & 0x8000u) << 16));
 }
 FD_INLINE uint16_t float_to_half(float f) {
@@ -160,34 +170,40 @@ template <typename T>
 using IoPlain = typename std::conditional<std::is_same<T, double>::value, IoF64, IoF32>::type;
 
 // ----------------------------------------------------------------- SiLU ----
-// exp(t) for t <= 0: t = k ln2 + r, |r| <= ln2/2, degree-7 Taylor (error
-// < 0.1 ulp) and 2^k built from exponent bits in two halves so results
-// down to the subnormal range come out right. Branch-free, so it vectorises.
+// exp(t) for t <= 0 in float: t = k ln2 + r with |r| <= ln2/2 (Cody-Waite),
+// exp(r) by a degree-6 polynomial (relative-error minimax fit, 0.2 ulp with
+// float coefficients) in Estrin form for a short dependency chain, 2^k
+// added straight into the exponent bits. Below t = -86.5 the result is
+// flushed to 0 (exp < 3e-38 there; above it 2^k stays a normal number, and
+// the garbage computed for smaller t is discarded). Branch-free, so the
+// loops around it vectorise. Error <= 2 ulp.
 FD_INLINE float exp_nonpos(float t) {
-  // t >= -104 (exp(-104) is below the float range) as an unsigned min on
-  // the bits of t <= 0: GCC threads a float clamp into a branch
-  t = bits_f(std::min(f_bits(t), 0xC2D00000u));
-  const float kf = (t * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  // 1.5 * 2^23 + round(t / ln2): k sits in the low mantissa bits of j
+  const float j = t * 1.44269504088896341f + 12582912.0f;
+  const float kf = j - 12582912.0f;
   const float r = (t - kf * 0.693145751953125f) - kf * 1.42860682030941723e-6f;
-  const float p =
-      1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 + r * (1.0f / 720 +
-                                                                                      r * (1.0f / 5040)))))));
-  const int32_t k = static_cast<int32_t>(kf);
-  const int32_t k1 = k >> 1, k2 = k - k1;
-  return p * bits_f(static_cast<uint32_t>(k1 + 127) << 23) * bits_f(static_cast<uint32_t>(k2 + 127) << 23);
+  const float r2 = r * r;
+  const float lo = (1.0f + r) + r2 * (0.49999991059303284f + r * 0.16666407883167267f);
+  const float hi = (0.04166821762919426f + r * 0.0083757434040308f) + r2 * 0.0013840249739587307f;
+  const float p = lo + (r2 * r2) * hi;
+  // (bits of j) << 23 == k << 23: the 1.5 * 2^23 offset has no bits left there
+  const uint32_t e = f_bits(p) + (f_bits(j) << 23);
+  return bits_f(sel_u(t < -86.5f, 0u, e));
 }
 FD_INLINE double exp_nonpos(double t) { return std::exp(t); }
+FD_INLINE float neg_abs(float z) { return bits_f(f_bits(z) | 0x80000000u); }
+FD_INLINE double neg_abs(double z) { return -std::fabs(z); }
 
 // silu(z) = z sigmoid(z), sigmoid from e = exp(-|z|) <= 1 (never overflows).
 template <typename T>
 FD_INLINE T silu(T z) {
-  const T e = exp_nonpos(-std::fabs(z));
+  const T e = exp_nonpos(neg_abs(z));
   return z * sel(z >= T(0), T(1), e) / (T(1) + e);
 }
 // silu'(z) = s (1 + z (1 - s)), with 1 - s also from e (no cancellation).
 template <typename T>
 FD_INLINE T dsilu(T z) {
-  const T e = exp_nonpos(-std::fabs(z));
+  const T e = exp_nonpos(neg_abs(z));
   const T inv = T(1) / (T(1) + e);
   const bool pos = z >= T(0);
   const T s = sel(pos, T(1), e) * inv, sc = sel(pos, e, T(1)) * inv;
@@ -221,6 +237,12 @@ struct GnP {
   bool silu = false;
 };
 
+// Scratch that every kernel writes before reading (no zero fill).
+template <typename T>
+std::unique_ptr<T[]> scratch(int64_t n) {
+  return std::unique_ptr<T[]>(new T[static_cast<size_t>(std::max<int64_t>(n, 1))]);
+}
+
 template <typename T>
 FD_INLINE T* coef_row(const GnP& p, int k, int64_t n) {
   return static_cast<T*>(p.coef) + (k * p.N + n) * p.C;
@@ -250,27 +272,102 @@ FD_INLINE void affine(const GnP& p, int64_t n, int64_t c0, int64_t D, double rst
 }
 
 // ------------------------------------------------------ forward, NCHW ----
-// Sums of d = (p - hi[r]) - lo[r] (and of d^2) over `rows` rows of S values.
+// A 32-byte GCC vector of T (two SSE registers in the baseline build).
+template <typename T>
+struct Vec32 {
+  typedef T type __attribute__((vector_size(32)));
+  static constexpr int kW = 32 / sizeof(T);
+};
+// (by reference: a 32-byte vector passed by value trips the AVX ABI warning)
+template <typename V, typename T>
+FD_INLINE void vload(V& v, const T* p) {
+  std::memcpy(&v, p, sizeof v);
+}
+// acc (4 doubles) += the lanes of v, widened: moves a float sum to double
+// without a horizontal reduction.
+typedef double Vd4 __attribute__((vector_size(32)));
+template <typename V>
+FD_INLINE void widen_add(Vd4& acc, const V& v) {
+  if constexpr (sizeof(v[0]) == 4) {
+    typedef float V4f __attribute__((vector_size(16)));
+    V4f lo, hi;
+    std::memcpy(&lo, &v, 16);
+    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + 16, 16);
+    acc += __builtin_convertvector(lo, Vd4) + __builtin_convertvector(hi, Vd4);
+  } else {
+    acc += v;
+  }
+}
+
+// Sums of d = (p - hi[r]) - lo[r] (and of d^2) over `rows` rows of S
+// values. The vector accumulators run across rows (a per-row reduction
+// would cost as much as the row when S is small) and are widened into
+// double every kRun elements (float sums of 1e3 terms would cost ~1e-6 of
+// relative accuracy); row tails go to scalar sums. Two accumulators per
+// sum hide the add latency (the data is in L1 after the first pass).
 template <typename T, bool kSq>
 FD_INLINE void group_sums(const T* __restrict__ p, int64_t rows, int64_t S, const T* hi, const T* lo, double& s1,
                           double& s2) {
-  s1 = s2 = 0.0;
+  using V = typename Vec32<T>::type;
+  constexpr int W = Vec32<T>::kW;
+  V a0 = {}, a1 = {}, q0 = {}, q1 = {};
+  Vd4 da = {}, dq = {};
+  T ta = T(0), tq = T(0);
+  int64_t cnt = 0;
   for (int64_t r = 0; r < rows; ++r) {
+    const T* __restrict__ v = p + r * S;
     const T h = hi[r], o = lo[r];
-    for (int64_t j0 = 0; j0 < S; j0 += kFlush) {
-      const T* __restrict__ v = p + r * S + j0;
-      const int64_t m = std::min(S - j0, kFlush);
-      T a = T(0), q = T(0);
-      FD_SIMD_SUM(a, q)
-      for (int64_t j = 0; j < m; ++j) {
-        const T d = (v[j] - h) - o;
-        a += d;
-        if (kSq) q += d * d;
+    int64_t j = 0;
+    for (; j + 2 * W <= S; j += 2 * W) {
+      V d0, d1;
+      vload(d0, v + j);
+      vload(d1, v + j + W);
+      d0 = (d0 - h) - o;
+      d1 = (d1 - h) - o;
+      a0 += d0;
+      a1 += d1;
+      if (kSq) {
+        q0 += d0 * d0;
+        q1 += d1 * d1;
       }
-      s1 += static_cast<double>(a);
-      s2 += static_cast<double>(q);
+      if ((cnt += 2 * W) >= kRun) {
+        widen_add(da, a0 + a1);
+        if (kSq) widen_add(dq, q0 + q1);
+        a0 = a1 = q0 = q1 = V{};
+        cnt = 0;
+      }
+    }
+    for (; j + W <= S; j += W) {
+      V d;
+      vload(d, v + j);
+      d = (d - h) - o;
+      a0 += d;
+      if (kSq) q0 += d * d;
+      cnt += W;
+    }
+    for (; j < S; ++j) {
+      const T d = (v[j] - h) - o;
+      ta += d;
+      if (kSq) tq += d * d;
+    }
+    if (S % W != 0 && r % 16 == 15) {  // keep the tail sums short too
+      da[0] += static_cast<double>(ta);
+      dq[0] += static_cast<double>(tq);
+      ta = tq = T(0);
     }
   }
+  widen_add(da, a0 + a1);
+  widen_add(dq, q0 + q1);
+  s1 = (da[0] + da[2]) + (da[1] + da[3]) + static_cast<double>(ta);
+  s2 = kSq ? (dq[0] + dq[2]) + (dq[1] + dq[3]) + static_cast<double>(tq) : 0.0;
+}
+
+// Asks for bytes [p, p + n) to be brought into L2 (prefetches never fault,
+// and the address is formed as an integer, so p + n may lie past the data).
+FD_INLINE void prefetch_l2(const void* p, int64_t n) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  for (int64_t o = 0; o < n; o += 64)
+    __builtin_prefetch(reinterpret_cast<const void*>(a + static_cast<uintptr_t>(o)), 0, 2);
 }
 
 template <class In, class Out, bool kSilu, typename T>
@@ -288,16 +385,18 @@ FD_INLINE void fwd_nchw(const GnP& p, int64_t i0, int64_t i1) {
   using T = typename Io::T;
   using R = typename Io::raw;
   const int64_t C = p.C, S = p.S, G = p.G, D = p.D, M = D * S;
-  std::vector<T> buf(Io::kWide ? M : 0), co(static_cast<size_t>(4 * D));
-  T *hi = co.data(), *lo = hi + D, *ca = lo + D, *cb = ca + D;
+  const auto buf = scratch<T>(Io::kWide ? M : 0);
+  const auto co = scratch<T>(4 * D);
+  T *hi = co.get(), *lo = hi + D, *ca = lo + D, *cb = ca + D;
   for (int64_t i = i0; i < i1; ++i) {
     const int64_t n = i / G, c0 = (i % G) * D;
     const R* xg = static_cast<const R*>(p.x) + (n * C + c0) * S;
     R* yg = static_cast<R*>(p.y) + (n * C + c0) * S;
     const T* src;
     if constexpr (Io::kWide) {  // convert once; the three passes read floats from L1/L2
-      for (int64_t j = 0; j < M; ++j) buf[j] = Io::load(xg[j]);
-      src = buf.data();
+      T* __restrict__ f = buf.get();
+      for (int64_t j = 0; j < M; ++j) f[j] = Io::load(xg[j]);
+      src = f;
     } else {
       src = xg;
     }
@@ -319,8 +418,13 @@ FD_INLINE void fwd_nchw(const GnP& p, int64_t i0, int64_t i1) {
     // pass 3: normalise
     split_offsets(mean, ad, D, hi, lo);
     affine(p, n, c0, D, rstd, ca, cb);
-    for (int64_t d = 0; d < D; ++d)
+    // the next group (contiguous after this one) is fetched while this one
+    // is normalised, so its first pass does not wait on memory
+    const int64_t rb = S * static_cast<int64_t>(sizeof(R));
+    for (int64_t d = 0; d < D; ++d) {
+      if (i + 1 < i1) prefetch_l2(xg + M + d * S, rb);
       norm_row<IoPlain<T>, Io, kSilu>(src + d * S, yg + d * S, S, hi[d], lo[d], ca[d], cb[d]);
+    }
   }
 }
 
@@ -493,10 +597,10 @@ FD_INLINE void bwd_nchw(const GnP& p, int64_t i0, int64_t i1) {
   using T = typename Io::T;
   using R = typename Io::raw;
   const int64_t C = p.C, S = p.S, G = p.G, D = p.D, M = D * S;
-  std::vector<T> dz(static_cast<size_t>(M)), co(static_cast<size_t>(3 * D));
-  std::vector<double> acc(static_cast<size_t>(3 * D));
-  T *P = co.data(), *Q = P + D, *Tt = Q + D;
-  double *A = acc.data(), *B = A + D, *X = B + D;
+  const auto dzb = scratch<T>(M), co = scratch<T>(3 * D);
+  const auto acc = scratch<double>(3 * D);
+  T *dz = dzb.get(), *P = co.get(), *Q = P + D, *Tt = Q + D;
+  double *A = acc.get(), *B = A + D, *X = B + D;
   for (int64_t i = i0; i < i1; ++i) {
     const int64_t n = i / G, g = i % G, c0 = g * D, base = (n * C + c0) * S;
     const R* x = static_cast<const R*>(p.x) + base;
@@ -505,17 +609,19 @@ FD_INLINE void bwd_nchw(const GnP& p, int64_t i0, int64_t i1) {
     const T *hi = coef_row<T>(p, kHi, n) + c0, *lo = coef_row<T>(p, kLo, n) + c0;
     const T *rs = coef_row<T>(p, kRs, n) + c0, *za = coef_row<T>(p, kZa, n) + c0, *zb = coef_row<T>(p, kZb, n) + c0;
     for (int64_t d = 0; d < D; ++d)
-      bwd_row_sums<Io, kSilu, kX>(x + d * S, dy + d * S, dz.data() + d * S, S, hi[d], lo[d], rs[d], za[d], zb[d], A[d],
+      bwd_row_sums<Io, kSilu, kX>(x + d * S, dy + d * S, dz + d * S, S, hi[d], lo[d], rs[d], za[d], zb[d], A[d],
                                   B[d], X[d]);
     finish_bwd_group<T>(p, n, g, A, B, X, P, Q, Tt);
+    // (no prefetch of the next group here: with two input streams it
+    // measured slower than leaving it to the hardware)
     for (int64_t d = 0; d < D; ++d)
-      bwd_row_dx<Io>(x + d * S, dz.data() + d * S, dx + d * S, S, hi[d], lo[d], rs[d], P[d], Q[d], Tt[d]);
+      bwd_row_dx<Io>(x + d * S, dz + d * S, dx + d * S, S, hi[d], lo[d], rs[d], P[d], Q[d], Tt[d]);
   }
 }
 
 // ----------------------------------------------------- backward, NHWC ----
-// Per-channel sums A, B, X over rows [s0, s1) of sample n (float per block
-// of rows, double across blocks); with kDz also dz into dzs (rows from s0),
+// Per-channel sums A, B, X over rows [s0, s1) of sample n (float over
+// kSumRows rows, double across them); with kDz also dz into dzs (rows from s0),
 // so that the dx pass does not evaluate silu' again.
 template <class Io, bool kSilu, bool kX, bool kDz>
 FD_INLINE void nhwc_bwd_sums(const GnP& p, int64_t n, int64_t s0, int64_t s1, double* __restrict__ A,
@@ -536,8 +642,8 @@ FD_INLINE void nhwc_bwd_sums(const GnP& p, int64_t n, int64_t s0, int64_t s1, do
   T* __restrict__ xs = ws + 2 * C;
   FD_IVDEP
   for (int64_t c = 0; c < C; ++c) A[c] = B[c] = X[c] = 0.0;
-  for (int64_t r0 = s0; r0 < s1; r0 += p.block) {
-    const int64_t r1 = std::min(s1, r0 + p.block);
+  for (int64_t r0 = s0; r0 < s1; r0 += kSumRows) {
+    const int64_t r1 = std::min(s1, r0 + kSumRows);
     FD_IVDEP
     for (int64_t c = 0; c < C; ++c) a[c] = b[c] = xs[c] = T(0);
     for (int64_t r = r0; r < r1; ++r)
@@ -603,8 +709,8 @@ FD_INLINE void nhwc_bwd_dx(const GnP& p, int64_t n, int64_t s0, int64_t s1, cons
 
 // ------------------------------------------- the compiled entry points ----
 // One non-template function per (kernel, storage type, instruction set);
-// the flags pick a fully specialised loop inside it. NCHW kernels take a range of (n, g)
-// groups, NHWC kernels a range of rows of one sample.
+// the flags pick a fully specialised loop inside it. NCHW kernels take a
+// range of (n, g) groups, NHWC kernels a range of rows of one sample.
 struct GnKernels {
   void (*fwd_nchw)(const GnP&, int64_t, int64_t);
   void (*nhwc_stats)(const GnP&, int64_t, int64_t, int64_t, double*, double*);
@@ -738,8 +844,8 @@ void forward_impl(GnP& p, const GnKernels& k, bool channels_last) {
     at::parallel_for(0, p.N * p.G, grain_for(p.D * p.S), [&](int64_t b, int64_t e) { k.fwd_nchw(p, b, e); });
     return;
   }
-  std::vector<T> coef(static_cast<size_t>(4 * p.N * C));
-  p.coef = coef.data();
+  const auto coef = scratch<T>(4 * p.N * C);
+  p.coef = coef.get();
   if (!use_tiles(p)) {  // statistics and normalisation of a sample back to back: the second read hits L2/L3
     at::parallel_for(0, p.N, grain_for(C * p.S), [&](int64_t b, int64_t e) {
       std::vector<double> st(static_cast<size_t>(2 * C));
@@ -789,27 +895,37 @@ void forward_impl(GnP& p, const GnKernels& k, bool channels_last) {
   });
 }
 
+// The recomputation coefficients of groups [g0, g1) of sample n from the
+// saved statistics. Filled inside the tasks that use them: one parallel
+// region per call is cheaper than two on a busy machine.
+template <typename T>
+void fill_bwd_coef(const GnP& p, int64_t n, int64_t g0, int64_t g1) {
+  const int64_t D = p.D;
+  const T* ad = p.add ? static_cast<const T*>(p.add) + n * p.C : nullptr;
+  for (int64_t g = g0; g < g1; ++g) {
+    const int64_t c0 = g * D;
+    const double mean = static_cast<double>(static_cast<const T*>(p.mean)[n * p.G + g]);
+    const T rs = static_cast<const T*>(p.rstd)[n * p.G + g];
+    split_offsets(mean, ad ? ad + c0 : nullptr, D, coef_row<T>(p, kHi, n) + c0, coef_row<T>(p, kLo, n) + c0);
+    for (int64_t c = c0; c < c0 + D; ++c) coef_row<T>(p, kRs, n)[c] = rs;
+    affine(p, n, c0, D, 1.0, coef_row<T>(p, kZa, n) + c0, coef_row<T>(p, kZb, n) + c0);
+  }
+}
+
 template <typename T>
 void backward_impl(GnP& p, const GnKernels& k, bool channels_last) {
   const int64_t N = p.N, C = p.C, D = p.D;
-  std::vector<T> coef(static_cast<size_t>(kNumBwdCoef * N * C));
-  p.coef = coef.data();
-  // the recomputation coefficients of every (n, c) from the saved statistics
-  at::parallel_for(0, N, 64, [&](int64_t b, int64_t e) {
-    for (int64_t n = b; n < e; ++n) {
-      const T* ad = p.add ? static_cast<const T*>(p.add) + n * C : nullptr;
-      for (int64_t g = 0; g < p.G; ++g) {
-        const int64_t c0 = g * D;
-        const double mean = static_cast<double>(static_cast<const T*>(p.mean)[n * p.G + g]);
-        const T rs = static_cast<const T*>(p.rstd)[n * p.G + g];
-        split_offsets(mean, ad ? ad + c0 : nullptr, D, coef_row<T>(p, kHi, n) + c0, coef_row<T>(p, kLo, n) + c0);
-        for (int64_t c = c0; c < c0 + D; ++c) coef_row<T>(p, kRs, n)[c] = rs;
-        affine(p, n, c0, D, 1.0, coef_row<T>(p, kZa, n) + c0, coef_row<T>(p, kZb, n) + c0);
-      }
-    }
-  });
+  const auto coef = scratch<T>(kNumBwdCoef * N * C);
+  p.coef = coef.get();
   if (!channels_last) {
-    at::parallel_for(0, N * p.G, grain_for(D * p.S), [&](int64_t b, int64_t e) { k.bwd_nchw(p, b, e); });
+    at::parallel_for(0, N * p.G, grain_for(D * p.S), [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e;) {  // the coefficient rows of the groups in [b, e)
+        const int64_t n = i / p.G, g1 = std::min(p.G, e - n * p.G);
+        fill_bwd_coef<T>(p, n, i % p.G, g1);
+        i = n * p.G + g1;
+      }
+      k.bwd_nchw(p, b, e);
+    });
     return;
   }
   if (!use_tiles(p)) {
@@ -817,9 +933,10 @@ void backward_impl(GnP& p, const GnKernels& k, bool channels_last) {
     const bool keep_dz = p.silu && C * p.S <= kMaxDzScratch;
     at::parallel_for(0, N, grain_for(C * p.S), [&](int64_t b, int64_t e) {
       std::vector<double> acc(static_cast<size_t>(3 * C));
-      std::vector<T> dz(keep_dz ? static_cast<size_t>(C * p.S) : 0);
-      void* dzp = keep_dz ? dz.data() : nullptr;
+      const auto dz = scratch<T>(keep_dz ? C * p.S : 0);
+      void* dzp = keep_dz ? dz.get() : nullptr;
       for (int64_t n = b; n < e; ++n) {
+        fill_bwd_coef<T>(p, n, 0, p.G);
         k.nhwc_bwd_sums(p, n, 0, p.S, acc.data(), acc.data() + C, acc.data() + 2 * C, dzp);
         finish_bwd_sample<T>(p, n, acc.data(), acc.data() + C, acc.data() + 2 * C);
         k.nhwc_bwd_dx(p, n, 0, p.S, dzp);
@@ -827,6 +944,7 @@ void backward_impl(GnP& p, const GnKernels& k, bool channels_last) {
     });
     return;
   }
+  for (int64_t n = 0; n < N; ++n) fill_bwd_coef<T>(p, n, 0, p.G);  // few samples in tile mode
   const int64_t items = N * p.tiles;
   std::vector<double> part(static_cast<size_t>(items * 3 * C));
   at::parallel_for(0, items, 1, [&](int64_t b, int64_t e) {
@@ -899,7 +1017,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     return {dx, dw, db, dadd, dscale, dshift};
   }
   const at::Tensor mc = mean.contiguous(), rc = rstd.contiguous();
-  std::vector<double> A(static_cast<size_t>(N * C)), B(static_cast<size_t>(N * C));
+  const auto A = scratch<double>(N * C), B = scratch<double>(N * C);
   GnP p;
   fill_inputs(p, a);
   p.dy = gy.data_ptr();
@@ -907,39 +1025,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   p.mean = const_cast<void*>(mc.data_ptr());
   p.rstd = const_cast<void*>(rc.data_ptr());
   p.dadd = a.add.defined() ? dadd.data_ptr() : nullptr;
-  p.A = A.data();
-  p.B = B.data();
+  p.A = A.get();
+  p.B = B.get();
   p.silu = silu;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "fastdiff_group_norm_act_backward_cpu",
                                   [&] {
     using T = typename std::conditional<std::is_same<scalar_t, double>::value, double, float>::type;
     backward_impl<T>(p, kernels_for<scalar_t>(), a.channels_last);
-    // per-channel vector gradients: reductions over n in a fixed order
+    // per-channel vector gradients: each channel reduces over n in a fixed
+    // order (deterministic for any thread count)
     const T* sc = p.scale ? static_cast<const T*>(p.scale) : nullptr;
-    if (a.w.defined() || a.b.defined()) {
-      T* dwp = a.w.defined() ? dw.data_ptr<T>() : nullptr;
-      T* dbp = a.b.defined() ? db.data_ptr<T>() : nullptr;
-      for (int64_t c = 0; c < C; ++c) {
+    T* dwp = a.w.defined() ? dw.data_ptr<T>() : nullptr;
+    T* dbp = a.b.defined() ? db.data_ptr<T>() : nullptr;
+    T* dsc = a.scale.defined() ? dscale.data_ptr<T>() : nullptr;
+    T* dsh = a.shift.defined() ? dshift.data_ptr<T>() : nullptr;
+    const double* Ap = A.get();
+    const double* Bp = B.get();
+    // (a parallel region only when this is big enough to be worth waking threads for)
+    at::parallel_for(0, C, std::max<int64_t>(1, 8 * kMinWork / std::max<int64_t>(N, 1)), [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const double wc = vget<T>(p.w, c, 1.0), bc = vget<T>(p.b, c, 0.0);
         double sw = 0.0, sb = 0.0;
         for (int64_t n = 0; n < N; ++n) {
-          const double s1 = 1.0 + (sc ? static_cast<double>(sc[n * C + c]) : 0.0);
-          sw += s1 * B[n * C + c];
-          sb += s1 * A[n * C + c];
+          const int64_t nc = n * C + c;
+          const double s1 = 1.0 + (sc ? static_cast<double>(sc[nc]) : 0.0);
+          sw += s1 * Bp[nc];
+          sb += s1 * Ap[nc];
+          if (dsc) dsc[nc] = static_cast<T>(wc * Bp[nc] + bc * Ap[nc]);
+          if (dsh) dsh[nc] = static_cast<T>(Ap[nc]);
         }
         if (dwp) dwp[c] = static_cast<T>(sw);
         if (dbp) dbp[c] = static_cast<T>(sb);
       }
-    }
-    if (a.scale.defined()) {
-      T* o = dscale.data_ptr<T>();
-      for (int64_t n = 0; n < N; ++n)
-        for (int64_t c = 0; c < C; ++c)
-          o[n * C + c] = static_cast<T>(vget<T>(p.w, c, 1.0) * B[n * C + c] + vget<T>(p.b, c, 0.0) * A[n * C + c]);
-    }
-    if (a.shift.defined()) {
-      T* o = dshift.data_ptr<T>();
-      for (int64_t j = 0; j < N * C; ++j) o[j] = static_cast<T>(A[j]);
-    }
+    });
   });
   return {dx, dw, db, dadd, dscale, dshift};
 }
