@@ -39,3 +39,15 @@ from . import nn  # noqa: E402  (fused U-Net modules, the DDPM U-Net, patch/unpa
 from .nn import UNet, patch, unpatch  # noqa: E402
 
 __all__ += ["nn", "UNet", "patch", "unpatch"]
+
+from . import diffusion  # noqa: E402  (GaussianDiffusion and the diffusers-compatible schedulers, lazily)
+
+_LAZY = {"GaussianDiffusion", "FusedDDPMScheduler", "FusedDDIMScheduler"}
+__all__ += ["diffusion", *sorted(_LAZY)]
+
+
+def __getattr__(name: str):
+    # fastdiff.GaussianDiffusion etc. without importing diffusers at `import fastdiff`
+    if name in _LAZY:
+        return getattr(diffusion, name)
+    raise AttributeError(f"module 'fastdiff' has no attribute {name!r}")

@@ -335,6 +335,7 @@ class MLPDenoiser(nn.Module):
         if layers < 1:
             raise ValueError(f"layers must be >= 1, got {layers}")
         self.dim = dim
+        self.config = dict(dim=dim, hidden=hidden, layers=layers, temb_dim=temb_dim, out_dim=out_dim)
         self.temb = TimeEmbedding(temb_dim, hidden)
         self.inp = nn.Linear(dim, hidden)
         self.blocks = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(layers))

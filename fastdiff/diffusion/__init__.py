@@ -1,0 +1,36 @@
+"""DDPM/DDIM on top of the fused operators.
+
+* :class:`GaussianDiffusion` (``gaussian.py``): training loss, samplers
+  (ancestral DDPM, DDIM, respaced chains, CUDA-graph replay) and the
+  variational bound in bits/dim.
+* :class:`FusedDDPMScheduler`, :class:`FusedDDIMScheduler`
+  (``schedulers.py``): drop-in replacements for diffusers' schedulers whose
+  ``step`` is one fused kernel launch. They need the ``diffusers`` package.
+
+The names are imported lazily, so ``import fastdiff`` does not import
+diffusers.
+"""
+from __future__ import annotations
+
+import importlib
+
+_LAZY = {
+    "GaussianDiffusion": ".gaussian",
+    "FusedDDPMScheduler": ".schedulers",
+    "FusedDDIMScheduler": ".schedulers",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module = importlib.import_module(_LAZY[name], __name__)
+    value = getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
