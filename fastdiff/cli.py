@@ -59,12 +59,17 @@ def _add_bench(sub) -> None:
                     "U-Net training step. On a GPU each fastdiff backend (CUDA C++, Triton) is timed\n"
                     "separately. Method and results: benchmarks/README.md.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n  fastdiff bench --device cpu\n  fastdiff bench --device cuda --ops ddpm_step,ddim_step "
+        epilog="examples:\n  fastdiff bench --device cpu\n  fastdiff bench train --dtype bf16 --layout NHWC   # DDPM CIFAR-10 step vs diffusers\n"
+               "  fastdiff bench sample --methods ddpm,ddim --json out/sample.json\n  fastdiff bench --device cuda --ops ddpm_step,ddim_step "
                "--dtype fp32,bf16 --json out/bench.json\n"
                "  fastdiff bench --ops blocks --device cuda --dtype fp32,bf16 --plot out/blocks.png\n"
                "  fastdiff bench --ops group_norm_act --block-shape 128x256x16x16 --batch 32\n"
                "  fastdiff bench --ops unet_step --batch 64 --dtype bf16   # bf16: torch.autocast\n"
                "  fastdiff bench --quick   # seconds-long smoke run")
+    p.add_argument("suite", nargs="?", choices=("ops", "train", "sample"), default="ops",
+                   help="ops: the fused operators (default); train: the end-to-end DDPM training step, "
+                        "sample: DDPM/DDIM sampling, each against diffusers eager / compiled / patched "
+                        "(see the end-to-end options below)")
     p.add_argument("--ops", type=_csv, default=None, metavar="OP[,OP...]",
                    help=f"operators to time (default: all), or the families 'elementwise' and 'blocks'. "
                         f"{ops_help}")
@@ -110,6 +115,9 @@ def _add_bench(sub) -> None:
                         "the heap layout of the process, and the timings of the allocation-heavy baselines "
                         "swing by up to 3x between runs. Recorded in the JSON metadata")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr, only the table")
+    from . import bench_e2e
+
+    bench_e2e.add_options(p)
     p.set_defaults(func=_cmd_bench)
 
 
@@ -133,6 +141,11 @@ def _cmd_bench(args) -> int:
     import torch
 
     from . import bench as B
+
+    if args.suite != "ops":
+        from . import bench_e2e
+
+        return bench_e2e.run_cli(args.suite, args)
 
     if args.threads:
         torch.set_num_threads(args.threads)

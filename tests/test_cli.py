@@ -230,3 +230,14 @@ def test_bad_arguments_name_the_option(args, word, capsys):
     assert cli.main(args) == 2
     err = capsys.readouterr().err
     assert "error" in err and word in err, err
+
+
+def test_bench_sample_quick(tmp_path):
+    out = tmp_path / "e2e.json"
+    r = _run("bench", "sample", "--quick", "--device", "cpu", "--threads", "1", "--methods", "ddim",
+             "--impls", "diffusers,fastdiff", "--json", str(out), "--quiet")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "== sample" in r.stdout and "fastdiff" in r.stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert {row["impl"] for row in rows} == {"diffusers", "fastdiff"}
+    assert all(row["median_ms"] > 0 for row in rows)
