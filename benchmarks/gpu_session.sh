@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One lent-GPU session in one command: build, GPU tests, benchmarks.
 # Run on the device machine from the repo root (the `device` tool), e.g.
-#   bash benchmarks/gpu_session.sh [tests|bench|all]
+#   bash benchmarks/gpu_session.sh [tests|bench|e2e|all]
+# e2e: `fastdiff bench train` + `bench sample` at the issue's settings (bf16,
+# channels_last; E2E_ARGS adds options, E2E_TIMEOUT bounds each suite).
 # Writes logs and JSON under $OUT (or ./out when OUT is unset).
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -28,4 +30,12 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
   timeout ${BENCH_TIMEOUT:-300} python3 -m fastdiff bench --device cuda --json "$OUT/bench_gpu.json" ${BENCH_ARGS:-} \
     2>&1 | tee "$OUT/bench.log" | tail -60
   echo "bench: $(( $(date +%s) - t0 )) s"
+fi
+if [ "$what" = e2e ] || [ "$what" = all ]; then
+  for suite in train sample; do
+    t0=$(date +%s)
+    timeout ${E2E_TIMEOUT:-500} python3 -m fastdiff bench "$suite" --device cuda --dtype bf16 --layout NHWC \
+      --json "$OUT/e2e_gpu.json" ${E2E_ARGS:-} 2>&1 | tee "$OUT/e2e_$suite.log" | tail -30
+    echo "bench $suite: $(( $(date +%s) - t0 )) s"
+  done
 fi
