@@ -5,10 +5,13 @@
 // Memory plan: each input is read from DRAM once per pass that cannot be
 // avoided; the other passes hit L1/L2.
 //  - NCHW: one (n, g) group at a time. The group is contiguous and small
-//    (2-64 KB in U-Nets): two statistics passes and the normalising pass
+//    (2-64 KB in U-Nets): two statistics passes (the first over an
+//    eighth of the group) and the normalising pass
 //    all read it from cache, and the next group is prefetched while this
-//    one is normalised. The backward keeps silu'(z) dy of the group in a
-//    float buffer for its dx pass.
+//    one is normalised (float32 on AVX2 + FMA: a pipelined loop with an
+//    intrinsics SiLU, see fwd_nchw_f32_fast; the forward's chunks of
+//    groups come from a shared counter, see run_groups). The backward
+//    keeps silu'(z) dy of the group in a float buffer for its dx pass.
 //  - NHWC: rows of C channels. Per-channel statistics over blocks of rows
 //    (two-pass inside an L1-sized block, blocks merged exactly by Chan's
 //    formula), folded into group statistics, then a second sweep
@@ -27,6 +30,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -42,6 +46,7 @@
 // once the data is in cache; target_clones("avx2") alone would leave it out.
 #define FD_GN_X86 1
 #define FD_AVX2_FMA __attribute__((target("avx2,fma")))
+#include <immintrin.h>
 #else
 #define FD_GN_X86 0
 #define FD_AVX2_FMA
@@ -380,6 +385,115 @@ FD_INLINE void norm_row(const typename In::raw* __restrict__ x, typename Out::ra
   }
 }
 
+#if FD_GN_X86
+// float32 rows y = act((x - h) a + c) for the AVX2 + FMA build, written with
+// intrinsics: the auto-vectorised silu above spends ~30 vector operations
+// per 8 values, this one ~21 (the SiLU arithmetic, not memory, bounds the
+// forward once a group is in cache). Same exp reduction and polynomial as
+// exp_nonpos (Horner instead of Estrin: the loop has ILP to spare); t is
+// clamped at -87 instead of flushing (exp(-87) = 1.6e-38, so silu(z) for
+// z < -87 is |z| 1.6e-38 instead of a smaller tiny number); the sigmoid's
+// sign choice reads the sign bit of z directly (blendv). c = b - lo a folds
+// the low part of the offset into the bias (done in double by the caller).
+FD_AVX2_FMA FD_INLINE __m256 silu8(__m256 z) {
+  const __m256 t = _mm256_max_ps(_mm256_or_ps(z, _mm256_set1_ps(-0.0f)), _mm256_set1_ps(-87.0f));
+  const __m256 j = _mm256_fmadd_ps(t, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(12582912.0f));
+  const __m256 kf = _mm256_sub_ps(j, _mm256_set1_ps(12582912.0f));
+  __m256 r = _mm256_fnmadd_ps(kf, _mm256_set1_ps(0.693145751953125f), t);
+  r = _mm256_fnmadd_ps(kf, _mm256_set1_ps(1.42860682030941723e-6f), r);
+  __m256 q = _mm256_fmadd_ps(_mm256_set1_ps(0.0013840249739587307f), r, _mm256_set1_ps(0.0083757434040308f));
+  q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(0.04166821762919426f));
+  q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(0.16666407883167267f));
+  q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(0.49999991059303284f));
+  q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(1.0f));
+  q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(1.0f));
+  const __m256 e =
+      _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(q), _mm256_slli_epi32(_mm256_castps_si256(j), 23)));
+  // z >= 0: z / (1 + e); z < 0: z e / (1 + e)
+  const __m256 num = _mm256_mul_ps(z, _mm256_blendv_ps(_mm256_set1_ps(1.0f), e, z));
+  return _mm256_div_ps(num, _mm256_add_ps(e, _mm256_set1_ps(1.0f)));
+}
+
+template <bool kSilu>
+FD_AVX2_FMA __attribute__((noinline)) void norm_rows_f32_avx2(const float* __restrict__ x, float* __restrict__ y,
+                                                              int64_t D, int64_t S, const float* hi,
+                                                              const float* ca, const float* cc, const float* pfx,
+                                                              const float* pfy) {
+  for (int64_t d = 0; d < D; ++d) {
+    const float* __restrict__ xr = x + d * S;
+    float* __restrict__ yr = y + d * S;
+    const __m256 H = _mm256_set1_ps(hi[d]), A = _mm256_set1_ps(ca[d]), Cc = _mm256_set1_ps(cc[d]);
+    int64_t j = 0;
+    for (; j + 16 <= S; j += 16) {  // two vectors per step: independent chains for the out-of-order core
+      // one cache line each of the prefetch streams per line processed
+      // (prefetches never fault: the addresses may lie past the data)
+      __builtin_prefetch(pfx + d * S + j, 0, 2);
+      __builtin_prefetch(pfy + d * S + j, 1, 2);
+      __m256 z0 = _mm256_fmadd_ps(_mm256_sub_ps(_mm256_loadu_ps(xr + j), H), A, Cc);
+      __m256 z1 = _mm256_fmadd_ps(_mm256_sub_ps(_mm256_loadu_ps(xr + j + 8), H), A, Cc);
+      if (kSilu) {
+        z0 = silu8(z0);
+        z1 = silu8(z1);
+      }
+      _mm256_storeu_ps(yr + j, z0);
+      _mm256_storeu_ps(yr + j + 8, z1);
+    }
+    for (; j + 8 <= S; j += 8) {
+      __m256 z = _mm256_fmadd_ps(_mm256_sub_ps(_mm256_loadu_ps(xr + j), H), A, Cc);
+      if (kSilu) z = silu8(z);
+      _mm256_storeu_ps(yr + j, z);
+    }
+    if (j < S) {  // the last < 8 values through a zero-padded vector
+      alignas(32) float tmp[8] = {};
+      for (int64_t k = j; k < S; ++k) tmp[k - j] = xr[k];
+      __m256 z = _mm256_fmadd_ps(_mm256_sub_ps(_mm256_load_ps(tmp), H), A, Cc);
+      if (kSilu) z = silu8(z);
+      _mm256_store_ps(tmp, z);
+      for (int64_t k = j; k < S; ++k) yr[k] = tmp[k - j];
+    }
+  }
+}
+#endif
+
+// Statistics of group i (its values `src`, in T) and the coefficients of
+// its normalising pass: writes mean/rstd, hi/lo (hi + lo = mean - add) and
+// a, b per channel.
+template <typename T>
+FD_INLINE void group_stats(const GnP& p, int64_t i, const T* src, T* hi, T* lo, T* ca, T* cb) {
+  const int64_t C = p.C, S = p.S, G = p.G, D = p.D, M = D * S;
+  const int64_t n = i / G, c0 = (i % G) * D;
+  const T* ad = p.add ? static_cast<const T*>(p.add) + n * C + c0 : nullptr;
+  // pass 1: a rough mean from the first eighth of the group (whole rows
+  // when there is an add: at least one row), summed around its first
+  // value. The mean of any s of the M values lies within
+  // sqrt((M - s) / s) <= sqrt(7) standard deviations of the group's mean,
+  // so pass 2's sums of squares exceed M var by at most 8x: the centring
+  // still removes any offset, at 1/8 of the cost of a full pass.
+  const double k0 = static_cast<double>(src[0]) + (ad ? static_cast<double>(ad[0]) : 0.0);
+  split_offsets(k0, ad, D, hi, lo);
+  double s1, s2;
+  int64_t sub;
+  if (ad) {
+    const int64_t rows = std::min(D, (D + 7) / 8);
+    group_sums<T, false>(src, rows, S, hi, lo, s1, s2);
+    sub = rows * S;
+  } else {  // one offset for every row: the group is one contiguous run
+    sub = (M + 7) / 8;
+    group_sums<T, false>(src, 1, sub, hi, lo, s1, s2);
+  }
+  const double m1 = k0 + s1 / static_cast<double>(sub);
+  // pass 2: centred on it; the residual sum corrects mean and variance
+  split_offsets(m1, ad, D, hi, lo);
+  group_sums<T, true>(src, D, S, hi, lo, s1, s2);
+  const double dm = s1 / static_cast<double>(M);
+  const double mean = m1 + dm, var = std::max(s2 / static_cast<double>(M) - dm * dm, 0.0);
+  const double rstd = 1.0 / std::sqrt(var + p.eps);
+  static_cast<T*>(p.mean)[i] = static_cast<T>(mean);
+  static_cast<T*>(p.rstd)[i] = static_cast<T>(rstd);
+  split_offsets(mean, ad, D, hi, lo);
+  affine(p, n, c0, D, rstd, ca, cb);
+}
+
 template <class Io, bool kSilu>
 FD_INLINE void fwd_nchw(const GnP& p, int64_t i0, int64_t i1) {
   using T = typename Io::T;
@@ -400,26 +514,9 @@ FD_INLINE void fwd_nchw(const GnP& p, int64_t i0, int64_t i1) {
     } else {
       src = xg;
     }
-    const T* ad = p.add ? static_cast<const T*>(p.add) + n * C + c0 : nullptr;
-    // pass 1: a rough mean, summing around the group's first value
-    const double k0 = static_cast<double>(src[0]) + (ad ? static_cast<double>(ad[0]) : 0.0);
-    split_offsets(k0, ad, D, hi, lo);
-    double s1, s2;
-    group_sums<T, false>(src, D, S, hi, lo, s1, s2);
-    const double m1 = k0 + s1 / static_cast<double>(M);
-    // pass 2: centred on it; the residual sum corrects mean and variance
-    split_offsets(m1, ad, D, hi, lo);
-    group_sums<T, true>(src, D, S, hi, lo, s1, s2);
-    const double dm = s1 / static_cast<double>(M);
-    const double mean = m1 + dm, var = std::max(s2 / static_cast<double>(M) - dm * dm, 0.0);
-    const double rstd = 1.0 / std::sqrt(var + p.eps);
-    static_cast<T*>(p.mean)[i] = static_cast<T>(mean);
-    static_cast<T*>(p.rstd)[i] = static_cast<T>(rstd);
-    // pass 3: normalise
-    split_offsets(mean, ad, D, hi, lo);
-    affine(p, n, c0, D, rstd, ca, cb);
-    // the next group (contiguous after this one) is fetched while this one
-    // is normalised, so its first pass does not wait on memory
+    group_stats<T>(p, i, src, hi, lo, ca, cb);
+    // pass 3: normalise. The next group (contiguous after this one) is
+    // fetched while this one is normalised, so its first pass does not wait on memory
     const int64_t rb = S * static_cast<int64_t>(sizeof(R));
     for (int64_t d = 0; d < D; ++d) {
       if (i + 1 < i1) prefetch_l2(xg + M + d * S, rb);
@@ -427,6 +524,49 @@ FD_INLINE void fwd_nchw(const GnP& p, int64_t i0, int64_t i1) {
     }
   }
 }
+
+#if FD_GN_X86
+// Group i's statistics into the slot c = {hi, lo, a, c}, with c = b - lo a:
+// the low part of the offset folded into the bias, in double. (A function
+// with the target attribute, not a lambda: a lambda's body would be
+// compiled for the baseline instruction set.)
+FD_AVX2_FMA FD_INLINE void fwd_stats_f32(const GnP& p, int64_t i, float* c) {
+  const int64_t D = p.D;
+  group_stats<float>(p, i, static_cast<const float*>(p.x) + i * D * p.S, c, c + D, c + 2 * D, c + 3 * D);
+  for (int64_t d = 0; d < D; ++d)
+    c[3 * D + d] = static_cast<float>(static_cast<double>(c[3 * D + d]) -
+                                      static_cast<double>(c[D + d]) * static_cast<double>(c[2 * D + d]));
+}
+
+// float32 NCHW forward of the AVX2 + FMA build, software-pipelined: the
+// statistics of group i + 1 are computed before group i is normalised.
+// A group's statistics end in a serial chain (reductions, sqrt, the
+// coefficients) that would otherwise stall the core; issued ahead of the
+// independent normalising pass, the out-of-order core overlaps the two.
+// Groups are contiguous: x of group i + 2 and y of group i + 1 are
+// prefetched while group i is normalised, one line of each per line
+// processed (the output's read-for-ownership misses would otherwise stall
+// the stores; a burst of a whole group's prefetches at once stalls on the
+// miss buffers instead).
+template <bool kSilu>
+FD_AVX2_FMA void fwd_nchw_f32_fast(const GnP& p, int64_t i0, int64_t i1) {
+  const int64_t S = p.S, D = p.D, M = D * S;
+  const float* x = static_cast<const float*>(p.x);
+  float* y = static_cast<float*>(p.y);
+  const auto co = scratch<float>(8 * D);  // two slots of {hi, lo, a, c}, for groups i and i + 1
+  fwd_stats_f32(p, i0, co.get() + (i0 & 1) * 4 * D);
+  for (int64_t i = i0; i < i1; ++i) {
+    if (i + 1 < i1) fwd_stats_f32(p, i + 1, co.get() + ((i + 1) & 1) * 4 * D);
+    const float* c = co.get() + (i & 1) * 4 * D;
+    norm_rows_f32_avx2<kSilu>(x + i * M, y + i * M, D, S, c, c + 2 * D, c + 3 * D, x + (i + 2) * M, y + (i + 1) * M);
+  }
+}
+#else
+template <bool kSilu>
+void fwd_nchw_f32_fast(const GnP& p, int64_t i0, int64_t i1) {  // (never called: no AVX2 build here)
+  fwd_nchw<IoF32, kSilu>(p, i0, i1);
+}
+#endif
 
 // ------------------------------------------------------ forward, NHWC ----
 // Per-channel (mean, M2) of x over rows [s0, s1) of sample n, in double.
@@ -720,9 +860,12 @@ struct GnKernels {
   void (*nhwc_bwd_dx)(const GnP&, int64_t, int64_t, int64_t, const void*);
 };
 
-#define FD_GN_KERNELS(IO, TAG, ATTR)                                                                            \
+#define FD_GN_KERNELS(IO, TAG, ATTR, AVX)                                                                          \
   ATTR void fwd_nchw_##TAG(const GnP& p, int64_t i0, int64_t i1) {                                              \
-    p.silu ? fwd_nchw<IO, true>(p, i0, i1) : fwd_nchw<IO, false>(p, i0, i1);                                    \
+    if constexpr (AVX && std::is_same<IO, IoF32>::value)                                                        \
+      p.silu ? fwd_nchw_f32_fast<true>(p, i0, i1) : fwd_nchw_f32_fast<false>(p, i0, i1);                        \
+    else                                                                                                        \
+      p.silu ? fwd_nchw<IO, true>(p, i0, i1) : fwd_nchw<IO, false>(p, i0, i1);                                  \
   }                                                                                                             \
   ATTR void nhwc_stats_##TAG(const GnP& p, int64_t n, int64_t s0, int64_t s1, double* cm, double* cq) {         \
     std::vector<IO::T> ws(static_cast<size_t>(3 * p.C));                                                       \
@@ -760,14 +903,14 @@ struct GnKernels {
   const GnKernels kernels_##TAG{fwd_nchw_##TAG, nhwc_stats_##TAG, nhwc_norm_##TAG,                              \
                                 bwd_nchw_##TAG, nhwc_bwd_sums_##TAG, nhwc_bwd_dx_##TAG};
 
-FD_GN_KERNELS(IoF32, f32, )
-FD_GN_KERNELS(IoF16, f16, )
-FD_GN_KERNELS(IoBF16, bf16, )
-FD_GN_KERNELS(IoF64, f64, )
+FD_GN_KERNELS(IoF32, f32, , false)
+FD_GN_KERNELS(IoF16, f16, , false)
+FD_GN_KERNELS(IoBF16, bf16, , false)
+FD_GN_KERNELS(IoF64, f64, , false)
 #if FD_GN_X86
-FD_GN_KERNELS(IoF32, f32_avx2, FD_AVX2_FMA)
-FD_GN_KERNELS(IoF16, f16_avx2, FD_AVX2_FMA)
-FD_GN_KERNELS(IoBF16, bf16_avx2, FD_AVX2_FMA)
+FD_GN_KERNELS(IoF32, f32_avx2, FD_AVX2_FMA, true)
+FD_GN_KERNELS(IoF16, f16_avx2, FD_AVX2_FMA, true)
+FD_GN_KERNELS(IoBF16, bf16_avx2, FD_AVX2_FMA, true)
 #endif
 #undef FD_GN_KERNELS
 
@@ -828,6 +971,30 @@ bool use_tiles(GnP& p) {
 
 int64_t grain_for(int64_t per_item) { return std::max<int64_t>(1, kMinWork / std::max<int64_t>(per_item, 1)); }
 
+// fn(b, e) over [0, items) of `per_item` elements each, in chunks of about
+// kMinWork / 4 elements handed out from a shared counter: on a machine
+// shared with other processes a thread that is descheduled for a while
+// leaves its chunks to the others instead of holding up the whole call (a
+// static split waits for its last slice). One thread below 2 kMinWork.
+template <class F>
+void run_groups(int64_t items, int64_t per_item, const F& fn) {
+  const int64_t work = items * std::max<int64_t>(per_item, 1);
+  const int64_t nt = std::min<int64_t>(at::get_num_threads(), work / kMinWork);
+  if (nt <= 1 || at::in_parallel_region()) {
+    fn(0, items);
+    return;
+  }
+  const int64_t chunk = std::max<int64_t>(1, kMinWork / 4 / std::max<int64_t>(per_item, 1));
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, nt, 1, [&](int64_t, int64_t) {
+    for (;;) {
+      const int64_t b = next.fetch_add(chunk, std::memory_order_relaxed);
+      if (b >= items) break;
+      fn(b, std::min(items, b + chunk));
+    }
+  });
+}
+
 // Rows [s0, s1) of tile t of sample n (tile mode), or the whole sample.
 struct Tile {
   int64_t n, s0, s1;
@@ -841,7 +1008,7 @@ template <typename T>
 void forward_impl(GnP& p, const GnKernels& k, bool channels_last) {
   const int64_t C = p.C;
   if (!channels_last) {
-    at::parallel_for(0, p.N * p.G, grain_for(p.D * p.S), [&](int64_t b, int64_t e) { k.fwd_nchw(p, b, e); });
+    run_groups(p.N * p.G, p.D * p.S, [&](int64_t b, int64_t e) { k.fwd_nchw(p, b, e); });
     return;
   }
   const auto coef = scratch<T>(4 * p.N * C);
