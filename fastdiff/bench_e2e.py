@@ -73,6 +73,7 @@ import torch
 import torch.nn.functional as F
 
 from fastdiff import bench as B
+from fastdiff.bench_blocks import _storage_bytes
 
 SUITES = ("train", "sample")
 METHODS = ("ddpm", "ddim")
@@ -179,17 +180,6 @@ class _Skip(Exception):
 
 def _amp(device: str, dtype: torch.dtype):
     return (lambda: torch.autocast(device, dtype=dtype)) if dtype != torch.float32 else nullcontext
-
-
-def _storage_bytes(tensors) -> int:
-    seen, total = set(), 0
-    for t in tensors:
-        if isinstance(t, torch.Tensor):
-            s = t.untyped_storage()
-            if s.data_ptr() not in seen:
-                seen.add(s.data_ptr())
-                total += s.nbytes()
-    return total
 
 
 def _out(o):

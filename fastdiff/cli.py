@@ -267,14 +267,18 @@ def _add_train(sub) -> None:
     p.set_defaults(func=_cmd_train)
 
 
-def _resolve_device(device: str) -> str:
+def _setup_device(args) -> str:
+    """Apply --threads and resolve --device (auto: cuda when a GPU is visible)."""
     import torch
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA GPU is visible")
-    return device
+    from .bench import resolve_device
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return resolve_device(args.device)
+    except RuntimeError as e:  # --device cuda without a GPU: a usage error here
+        raise ValueError(str(e)) from None
 
 
 def _build_model(preset: str, dataset, dataset_name: str):
@@ -306,10 +310,8 @@ def _cmd_train(args) -> int:
     from .schedule import NoiseSchedule
     from .train import TrainConfig, Trainer
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     try:
-        device = _resolve_device(args.device)
+        device = _setup_device(args)
         for name in ("steps", "batch", "timesteps", "log_every"):
             if getattr(args, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -413,10 +415,8 @@ def _cmd_sample(args) -> int:
 
     from .train import build_from_checkpoint
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     try:
-        device = _resolve_device(args.device)
+        device = _setup_device(args)
         if args.n < 1:
             raise ValueError(f"--n must be >= 1, got {args.n}")
         if args.batch is not None and args.batch < 1:
@@ -473,10 +473,8 @@ def _cmd_eval(args) -> int:
     from .data import load_dataset
     from .train import build_from_checkpoint
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     try:
-        device = _resolve_device(args.device)
+        device = _setup_device(args)
         if args.n < 1 or args.batch < 1:
             raise ValueError(f"--n and --batch must be >= 1, got {args.n} and {args.batch}")
         diffusion = build_from_checkpoint(args.checkpoint, ema=not args.no_ema, device=device)
