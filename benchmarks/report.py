@@ -301,7 +301,7 @@ def plot_copy_bw(rows: list, path: str, title: str) -> Optional[str]:
 
 def _plot_e2e(rows: list, path: str) -> Optional[str]:
     sys.path.insert(0, os.path.dirname(HERE))
-    from fastdiff import bench_e2e
+    from fastdiff.bench import e2e as bench_e2e
 
     msg = bench_e2e.plot(rows, path)
     return path if msg.startswith("plot written") else None

@@ -28,7 +28,7 @@ import pytest
 import torch
 
 from fastdiff import bench as B
-from fastdiff import bench_blocks as BB
+from fastdiff.bench import blocks as BB
 
 HAS_CUDA = torch.cuda.is_available()
 SHAPE = {
@@ -87,8 +87,8 @@ def _gn_cases(dev, variant_str):
     skey = ("gn-sets", dev, variant, layout)
     if skey not in _cache:
         _keep_only(skey)
-        nsets = B._num_sets(3 * torch.Size(shape).numel() * torch.empty((), dtype=DTYPE).element_size(),
-                            B._cache_bytes(dev))
+        nsets = B.num_sets(3 * torch.Size(shape).numel() * torch.empty((), dtype=DTYPE).element_size(),
+                            B.cache_bytes(dev))
         _cache[skey] = (BB._gn_inputs(shape, DTYPE, dev, layout, variant, nsets,
                                       torch.Generator(device=dev).manual_seed(0)), nsets)
     sets, nsets = _cache[skey]
@@ -119,9 +119,9 @@ def _unet_cases(dev, preset):
         _keep_only(key)
         try:
             st = BB.unet_steps(dev, UNET_BATCH[dev], DTYPE, preset)
-        except B._Skip as e:
+        except B.Skip as e:
             pytest.skip(str(e))
-        mem = {impl: BB.step_peak_memory(lambda: st[impl](1), dev, st["base_bytes"][impl])
+        mem = {impl: B.step_peak_memory(lambda: st[impl](1), dev, st["base_bytes"][impl])
                for impl in ("fastdiff", "stock")}
         _cache[key] = (st, mem)
     st, mem = _cache[key]
@@ -150,7 +150,7 @@ def test_block(benchmark, device, op, impl, variant):
             "variant": variant}
     info.update(extra.get(impl, {}) if op == "unet_step" else extra)
     benchmark.extra_info.update(info)
-    with B._use_backend(case.backend):
+    with B.use_backend(case.backend):
         for _ in range(3):  # warm-up (first-call compilation of Triton kernels, allocator)
             call()
         benchmark(call)

@@ -28,7 +28,7 @@ import pytest
 import torch
 
 from fastdiff import bench as B
-from fastdiff import bench_e2e as E
+from fastdiff.bench import e2e as E
 
 HAS_CUDA = torch.cuda.is_available()
 DTYPE = B.parse_dtype(os.environ.get("FASTDIFF_BENCH_DTYPE", "fp32"))

@@ -23,6 +23,7 @@ import torch
 
 import fastdiff
 from fastdiff import bench as B
+from fastdiff.bench import ops as BO
 
 HAS_CUDA = torch.cuda.is_available()
 SHAPE = {
@@ -73,14 +74,14 @@ def _cases(device: str, op: str) -> list:
             torch.cuda.empty_cache()
         shape = SHAPE[device]
         elem = torch.empty((), dtype=DTYPE).element_size()
-        nsets = B._num_sets(B._INPUTS_PER_SET[op] * torch.Size(shape).numel() * elem, B._cache_bytes(device))
+        nsets = B.num_sets(BO._INPUTS_PER_SET[op] * torch.Size(shape).numel() * elem, B.cache_bytes(device))
         sched = fastdiff.NoiseSchedule.make("linear", B.T_TRAIN, device=device)
-        diff_mod, note = B._import_diffusers()
-        compiler = B._Compiler(False, "not in the pytest suite", 0.0)
-        ctx = B._Ctx(device, DTYPE, shape, nsets, B.fastdiff_impls(device), compiler, diff_mod, note, sched,
-                     B._tables(sched, DTYPE, device))
+        diff_mod, note = BO._import_diffusers()
+        compiler = B.Compiler(False, "not in the pytest suite", 0.0)
+        ctx = BO._Ctx(device, DTYPE, shape, nsets, BO.fastdiff_impls(device), compiler, diff_mod, note, sched,
+                     BO._tables(sched, DTYPE, device))
         gen = torch.Generator(device=device).manual_seed(0)
-        _cache[key] = (B._BUILDERS[op](ctx, gen), nsets)
+        _cache[key] = (BO._BUILDERS[op](ctx, gen), nsets)
     return _cache[key]
 
 
@@ -102,7 +103,7 @@ def test_op(benchmark, device, op, impl, variant):
     benchmark.group = f"{op} {B.shape_str(SHAPE[device])} {B.DTYPE_NAMES[DTYPE]} {device}"
     benchmark.extra_info.update({"bytes": case.nbytes, "shape": B.shape_str(SHAPE[device]),
                                  "dtype": B.DTYPE_NAMES[DTYPE], "impl": impl, "variant": variant})
-    with B._use_backend(case.backend):
+    with B.use_backend(case.backend):
         for _ in range(3):  # warm-up (first-call compilation of Triton kernels, allocator)
             call()
         benchmark(call)

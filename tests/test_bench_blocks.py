@@ -18,7 +18,7 @@ from torch import nn
 
 import fastdiff
 from fastdiff import bench as B
-from fastdiff import bench_blocks as BB
+from fastdiff.bench import blocks as BB
 from fastdiff import ops as _ops
 from fastdiff.reference import blocks as ref
 
@@ -126,9 +126,9 @@ def test_cpu_peak_bytes_is_exact():
         d = (b + 1).sum()                    # + 4 MiB temporary: 16 MiB peak (+ a few scalar bytes)
         return c, d
 
-    assert 0 <= BB.cpu_peak_bytes(work) - (16 << 20) <= 64
+    assert 0 <= B.cpu_peak_bytes(work) - (16 << 20) <= 64
     keep = torch.ones(1 << 20)  # allocated before: not counted
-    assert BB.cpu_peak_bytes(lambda: keep.mul_(2)) <= 64  # in place: only the wrapped scalar
+    assert B.cpu_peak_bytes(lambda: keep.mul_(2)) <= 64  # in place: only the wrapped scalar
 
 
 class _TinyFused(nn.Module):

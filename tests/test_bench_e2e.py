@@ -12,7 +12,8 @@ import os
 import pytest
 import torch
 
-from fastdiff import bench_e2e as E
+from fastdiff.bench import cli as BC
+from fastdiff.bench import e2e as E
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -145,17 +146,17 @@ def test_run_cli(tmp_path, capsys):
     p.add_argument("--device", default="cpu")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json")
-    E.add_options(p)
+    BC.add_options(p)
     out = tmp_path / "r.json"
     args = p.parse_args(["--quick", "--impls", "diffusers,fastdiff", "--methods", "ddpm", "--ddpm-steps", "2",
                          "--reps", "1", "--no-breakdown", "--no-memory", "--json", str(out)])
-    assert E.run_cli("sample", args) == 0
+    assert BC.run_cli("sample", args) == 0
     assert "DDPM 2 steps" in capsys.readouterr().out
     rows = json.loads(out.read_text())["rows"]
     assert [r["impl"] for r in rows] == ["diffusers", "fastdiff"]
     assert rows[1]["model_ms"] is None and rows[1]["peak_mem_bytes"] is None and rows[1]["median_ms"] > 0
     bad = p.parse_args(["--quick", "--layout", "NHCW"])
-    assert E.run_cli("sample", bad) == 2
+    assert BC.run_cli("sample", bad) == 2
     assert "layouts" in capsys.readouterr().err
 
 

@@ -2,7 +2,7 @@
 fastdiff, measured side by side in one run (``fastdiff bench train`` /
 ``fastdiff bench sample``; method and results in benchmarks/README.md).
 
-    from fastdiff import bench_e2e as E
+    from fastdiff.bench import e2e as E
     rows = E.run("train", "cpu", quick=True)         # tiny models, seconds
     print(E.format_table(rows))
 
@@ -43,10 +43,10 @@ What one timed unit is:
 
 Timing: GPU, one configuration after the other (built, timed, freed): the
 training steps with CUDA events with the queue kept full
-(:func:`fastdiff.bench.time_calls`), the sampling runs with CUDA events and
+(:func:`fastdiff.bench._timing.time_calls`), the sampling runs with CUDA events and
 a synchronisation after each run. CPU: ``time.perf_counter``, the
 configurations of a case interleaved (training: ~20 ms rounds,
-:func:`fastdiff.bench.time_interleaved`; sampling: one run of each in turn)
+:func:`fastdiff.bench._timing.time_interleaved`; sampling: one run of each in turn)
 so that a drifting machine hits them alike. Median, p20 and p80 of the
 per-step / per-run times; images/s p20 is the batch over the p80 time.
 
@@ -60,10 +60,8 @@ every step having the same peak.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -72,8 +70,8 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from fastdiff import bench as B
-from fastdiff.bench_blocks import _storage_bytes
+from fastdiff.bench import _report as report
+from fastdiff.bench import _timing as timing
 
 SUITES = ("train", "sample")
 METHODS = ("ddpm", "ddim")
@@ -293,7 +291,7 @@ def _build_train(case: Case, impl: str) -> Built:
         return out
 
     step(0)  # creates the AdamW state (and compiles), so base_bytes holds it
-    base = _storage_bytes(list(model.parameters()) + [t for s in opt.state.values() for t in s.values()] + xs)
+    base = timing.storage_bytes(list(model.parameters()) + [t for s in opt.state.values() for t in s.values()] + xs)
     return Built(run=step, model_only=model_step, mem=lambda: step(1), base_bytes=base, params=params, note=note,
                  profile=lambda: [step(i % nsets) for i in range(2)])
 
@@ -373,7 +371,7 @@ def _build_sample(case: Case, impl: str) -> Built:
         note = "; ".join(x for x in (note, "CUDA graph capture failed: sample() ran eagerly") if x)
     model_call = _graphed(call) if impl == "fastdiff-graph" else call
     mem_steps = min(MEM_SAMPLE_STEPS, case.steps)  # every step has the same peak: a short run suffices
-    base = _storage_bytes(list(model.parameters()))
+    base = timing.storage_bytes(list(model.parameters()))
     return Built(run=lambda i: sample(case.steps), model_only=lambda i: model_call(), mem=lambda: sample(mem_steps),
                  base_bytes=base, params=params, calls=case.steps, note=note,
                  profile=lambda: sample(min(3, case.steps)))
@@ -409,7 +407,7 @@ def _time_model_calls(fn: Callable[[int], object], device: str, calls: int, reps
         for k in range(calls):
             fn(k)
     loop(0)
-    return B._stats([t / calls for t in _time_runs(loop, device, reps)])
+    return timing.stats([t / calls for t in _time_runs(loop, device, reps)])
 
 
 def _stats_row(st: Optional[dict]) -> dict:
@@ -422,8 +420,8 @@ def _stats_row(st: Optional[dict]) -> dict:
 def _row(case: Case, impl: str, built: Optional[Built], note: str) -> dict:
     return {"suite": case.suite, "impl": impl, "device": case.device, "preset": case.preset, "batch": case.batch,
             "method": case.method or None, "steps": case.steps if case.suite == "sample" else None,
-            "dtype": B.DTYPE_NAMES[case.dtype], "precision": "fp32" if case.dtype == torch.float32 else
-            f"{B.DTYPE_NAMES[case.dtype]} autocast", "layout": case.layout, "shape": _shape_label(case),
+            "dtype": timing.DTYPE_NAMES[case.dtype], "precision": "fp32" if case.dtype == torch.float32 else
+            f"{timing.DTYPE_NAMES[case.dtype]} autocast", "layout": case.layout, "shape": _shape_label(case),
             "params": built.params if built else None, "median_ms": None, "p20_ms": None, "p80_ms": None,
             "reps": 0, "first_call_s": None, "images_per_s": None, "images_per_s_p20": None,
             "images_per_s_p80": None, "model_ms": None, "overhead_ms": None, "step_ms": None,
@@ -449,9 +447,8 @@ def _fill(row: dict, built: Built, st: dict, model_st: Optional[dict], mem: Opti
 
 
 def _peak(built: Built, device: str) -> dict:
-    from fastdiff.bench_blocks import step_peak_memory
 
-    return step_peak_memory(built.mem, device, built.base_bytes)
+    return timing.step_peak_memory(built.mem, device, built.base_bytes)
 
 
 def _profile(built: Built, device: str, path: str, units: int) -> list:
@@ -463,7 +460,7 @@ def _profile(built: Built, device: str, path: str, units: int) -> list:
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=acts) as prof:
         built.profile()
-        B._sync(device)
+        timing.sync(device)
     prof.export_chrome_trace(path)
     key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
     evs = [e for e in prof.key_averages() if getattr(e, key, 0) > 0]
@@ -476,7 +473,7 @@ def _free(device: str) -> None:
     import gc
 
     gc.collect()
-    B._free(device)
+    timing.free(device)
 
 
 def run(suite: str = "train", device: str = "auto", *, preset: Optional[str] = None, batch: Optional[int] = None,
@@ -516,7 +513,7 @@ def run(suite: str = "train", device: str = "auto", *, preset: Optional[str] = N
     with the diffusers rows of the same case."""
     if suite not in SUITES:
         raise ValueError(f"suite must be one of {', '.join(SUITES)}, got {suite!r}")
-    device = B.resolve_device(device)
+    device = timing.resolve_device(device)
     log = log or (lambda msg: None)
     d_preset, d_tb, d_sb, d_ddpm, d_ddim = DEFAULTS["quick" if quick else device]
     preset = preset or d_preset
@@ -526,7 +523,7 @@ def run(suite: str = "train", device: str = "auto", *, preset: Optional[str] = N
     batch = batch if batch is not None else (d_tb if suite == "train" else d_sb)
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
-    dts = [B.parse_dtype(d) for d in ([dtypes] if isinstance(dtypes, (str, torch.dtype)) else dtypes)]
+    dts = [timing.parse_dtype(d) for d in ([dtypes] if isinstance(dtypes, (str, torch.dtype)) else dtypes)]
     for lay in layouts:
         if lay not in LAYOUTS:
             raise ValueError(f"layouts must be among {', '.join(LAYOUTS)}, got {lay!r}")
@@ -559,7 +556,7 @@ def run(suite: str = "train", device: str = "auto", *, preset: Optional[str] = N
                 cases += [Case("sample", device, preset, batch, dt, lay, m, steps[m]) for m in methods]
     rows = []
     for case in cases:
-        what = f"{case.suite} {case.preset} b{case.batch} {B.DTYPE_NAMES[case.dtype]} {case.layout}" + \
+        what = f"{case.suite} {case.preset} b{case.batch} {timing.DTYPE_NAMES[case.dtype]} {case.layout}" + \
             (f" {case.method}-{case.steps}" if case.method else "")
         log(f"{what}:")
         build = _build_train if suite == "train" else _build_sample
@@ -600,14 +597,14 @@ def run(suite: str = "train", device: str = "auto", *, preset: Optional[str] = N
                     raise model_st
                 if breakdown and b.model_only is not None and model_st is None:
                     if suite == "train":
-                        model_st = B.time_calls(b.model_only, device, 2, quick)
+                        model_st = timing.time_calls(b.model_only, device, 2, quick)
                     else:
                         calls = min(case.steps, MODEL_CALLS["quick" if quick else device])
                         model_st = _time_model_calls(b.model_only, device, calls, reps)
                 if memory:
                     mem = _peak(b, device)
                 if profile_dir:
-                    name = f"{suite}-{case.method or 'step'}-{B.DTYPE_NAMES[case.dtype]}-{case.layout}-{impl}.json"
+                    name = f"{suite}-{case.method or 'step'}-{timing.DTYPE_NAMES[case.dtype]}-{case.layout}-{impl}.json"
                     row["profile_top"] = _profile(b, device, os.path.join(profile_dir, name),
                                                   2 if suite == "train" else min(3, case.steps))
                     row["profile_trace"] = name
@@ -629,9 +626,9 @@ def run(suite: str = "train", device: str = "auto", *, preset: Optional[str] = N
                     continue
                 try:
                     if suite == "train":
-                        st = B.time_calls(b.run, device, 2, quick)
+                        st = timing.time_calls(b.run, device, 2, quick)
                     else:
-                        st = B._stats(_time_runs(b.run, device, reps))
+                        st = timing.stats(_time_runs(b.run, device, reps))
                 except Exception as e:
                     case_rows[impl]["note"] = f"failed: {type(e).__name__}: {str(e)[:200]}"
                     del b
@@ -654,7 +651,7 @@ def run(suite: str = "train", device: str = "auto", *, preset: Optional[str] = N
             model_res: dict = {}
             if suite == "train":
                 # the model-only steps are interleaved with the full steps: a drift hits both alike
-                res = B.time_interleaved([built[k].run for k in live] + [built[k].model_only for k in with_model],
+                res = timing.time_interleaved([built[k].run for k in live] + [built[k].model_only for k in with_model],
                                          2, quick)
                 model_res = dict(zip(with_model, res[len(live):]))
                 res = res[:len(live)]
@@ -679,8 +676,8 @@ def run(suite: str = "train", device: str = "auto", *, preset: Optional[str] = N
                                 times[k] = e
                             else:
                                 mtimes[k] = e
-                res = [times[k] if isinstance(times[k], BaseException) else B._stats(times[k]) for k in live]
-                model_res = {k: v if isinstance(v, BaseException) else B._stats(v) for k, v in mtimes.items()}
+                res = [times[k] if isinstance(times[k], BaseException) else timing.stats(times[k]) for k in live]
+                model_res = {k: v if isinstance(v, BaseException) else timing.stats(v) for k, v in mtimes.items()}
             for k, st in zip(live, res):
                 if isinstance(st, BaseException):
                     case_rows[k]["note"] = f"failed: {type(st).__name__}: {str(st)[:200]}"
@@ -780,10 +777,10 @@ def format_table(rows: list) -> str:
 
 
 def metadata(device: str, **extra) -> dict:
-    """:func:`fastdiff.bench.metadata` (GPU name and driver, torch, triton,
+    """:func:`fastdiff.bench._report.metadata` (GPU name and driver, torch, triton,
     diffusers versions, git commit, ...) with ``kind = "e2e"`` and this
     module's timing method."""
-    meta = B.metadata(device, None, kind="e2e", **extra)
+    meta = report.metadata(device, None, kind="e2e", **extra)
     meta["timing"] = ("train: CUDA events per step, queue kept full; sample: CUDA events around each run, "
                       "synchronised" if device == "cuda" else
                       "time.perf_counter; train: configurations interleaved in ~20 ms rounds; sample: one run of "
@@ -837,89 +834,6 @@ def plot(rows: list, path: str) -> str:
     return f"plot written to {path}"
 
 
-# ----------------------------------------------------------------- CLI ------
-def _csv(text: str) -> list:
-    return [p.strip() for p in text.split(",") if p.strip()]
-
-
-def add_options(parser: argparse.ArgumentParser) -> None:
-    """Add the options of ``fastdiff bench train`` / ``fastdiff bench sample``
-    that the ``bench`` parser lacks (it has --device --dtype --batch --quick
-    --compile --compile-budget --json --plot --threads --quiet --unet-preset):
-    --layout, --methods, --impls, --sample-batch, --ddpm-steps, --ddim-steps,
-    --reps, --no-breakdown, --no-memory, --profile."""
-    g = parser.add_argument_group("end-to-end (bench train / bench sample)")
-    g.add_argument("--layout", type=_csv, default=["NCHW"], metavar="L[,L...]",
-                   help="memory layout(s): NCHW, NHWC (channels_last weights and inputs); default NCHW")
-    g.add_argument("--methods", type=_csv, default=list(METHODS), metavar="M[,M...]",
-                   help="samplers of `bench sample`: ddpm, ddim (default both)")
-    g.add_argument("--impls", type=_csv, default=None, metavar="I[,I...]",
-                   help="configurations to time (default all): " + "; ".join(f"{k}: {v}" for k, v in IMPLS.items()))
-    g.add_argument("--sample-batch", type=int, default=None, metavar="N",
-                   help="images per sampling run (default 256 on GPU, 32 on CPU, 4 with --quick); "
-                        "for `bench sample`, --batch means the same")
-    g.add_argument("--ddpm-steps", type=int, default=None, metavar="S",
-                   help="DDPM sampling steps (default 1000 on GPU, 100 on CPU, 10 with --quick)")
-    g.add_argument("--ddim-steps", type=int, default=None, metavar="S",
-                   help="DDIM sampling steps (default 50 on GPU, 20 on CPU, 5 with --quick)")
-    g.add_argument("--reps", type=int, default=None, metavar="N",
-                   help="timed sampling runs per configuration (default 3, 2 with --quick)")
-    g.add_argument("--breakdown", action=argparse.BooleanOptionalAction, default=True,
-                   help="time the model alone for the model/non-model breakdown (default on)")
-    g.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
-                   help="measure the peak memory of each configuration (default on)")
-    g.add_argument("--profile", metavar="DIR", default=None,
-                   help="torch.profiler each configuration (2 training steps / a 3-step sampling run): Chrome "
-                        "traces in DIR, the top ops in the JSON rows")
-
-
-def run_cli(suite: str, args: argparse.Namespace) -> int:
-    """Run ``fastdiff bench train`` (``suite="train"``) or ``fastdiff bench
-    sample`` (``suite="sample"``) from parsed arguments: the bench parser's
-    --device --dtype --batch --quick --compile --compile-budget --json --plot
-    --threads --quiet --unet-preset --malloc-reuse, plus those of
-    :func:`add_options` (missing attributes take their defaults). Prints the
-    table on stdout, progress on stderr; writes the JSON
-    (``{"meta": metadata(...), "rows": [...]}``) and the chart when asked.
-    Returns the exit status (2 for bad arguments)."""
-    a = lambda name, default=None: getattr(args, name, default)  # noqa: E731
-    if a("threads"):
-        torch.set_num_threads(a("threads"))
-    try:
-        if suite not in SUITES:
-            raise ValueError(f"suite must be one of {', '.join(SUITES)}, got {suite!r}")
-        device = B.resolve_device(a("device", "auto"))
-        dtypes = a("dtype") or ["fp32"]
-        dtypes = [dtypes] if isinstance(dtypes, str) else dtypes
-        batch = a("batch")
-        if suite == "sample" and a("sample_batch") is not None:
-            batch = a("sample_batch")
-        log = (lambda msg: None) if a("quiet") else (lambda msg: print(msg, file=sys.stderr, flush=True))
-        malloc_note = None
-        if device == "cpu" and a("malloc_reuse", True):
-            malloc_note = B.keep_freed_memory()
-        rows = run(suite, device, preset=a("unet_preset"), batch=batch, dtypes=dtypes,
-                   layouts=[x.upper() for x in (a("layout") or ["NCHW"])], methods=a("methods") or METHODS,
-                   ddpm_steps=a("ddpm_steps"), ddim_steps=a("ddim_steps"), impls=a("impls"), quick=bool(a("quick")),
-                   compile=a("compile"), compile_budget_s=a("compile_budget"), reps=a("reps"),
-                   breakdown=a("breakdown", True), memory=a("memory", True), profile_dir=a("profile"), log=log)
-    except (ValueError, RuntimeError) as e:
-        print(f"fastdiff bench {suite}: error: {e}", file=sys.stderr)
-        return 2
-    where = f"GPU {torch.cuda.get_device_name()}" if device == "cuda" else \
-        f"CPU {B._cpu_model()}, {torch.get_num_threads()} threads"
-    print(f"fastdiff bench {suite} on {where}; torch {torch.__version__}\n")
-    print(format_table(rows))
-    if a("json"):
-        meta = metadata(device, suite=suite, quick=bool(a("quick")), malloc=malloc_note or "default",
-                        argv=sys.argv[1:])
-        write_json(a("json"), rows, meta)
-        log(f"results written to {a('json')}")
-    if a("plot"):
-        print(plot(rows, a("plot")), file=sys.stderr)
-    return 0
-
-
 def write_json(path: str, rows: list, meta: dict) -> None:
     """Write ``{"meta": meta, "rows": rows}`` to ``path``; when the file
     already holds e2e rows of another suite (train then sample into one
@@ -937,4 +851,4 @@ def write_json(path: str, rows: list, meta: dict) -> None:
             old = []
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
-        json.dump(B.to_json(old + rows, meta), f, indent=1, default=str)
+        json.dump(report.to_json(old + rows, meta), f, indent=1, default=str)

@@ -1,5 +1,5 @@
 """Benchmarks of the fused U-Net block operators, the second half of
-``fastdiff bench`` (the engine and the method live in :mod:`fastdiff.bench`):
+``fastdiff bench`` (timing in :mod:`fastdiff.bench._timing`, reports in :mod:`fastdiff.bench._report`):
 
 * ``group_norm_act``: GroupNorm + SiLU, plain / with the time-embedding add /
   with scale-shift, forward, backward (given a saved forward) and both, NCHW
@@ -12,8 +12,8 @@
   CIFAR-10 U-Net of :mod:`fastdiff.nn`, with the fused modules and with
   stock PyTorch layers (:func:`fastdiff.nn.unfused`): time and peak memory.
 
-    from fastdiff import bench_blocks
-    rows = bench_blocks.run_blocks("cpu", ["group_norm_act"], quick=True)
+    from fastdiff.bench import blocks
+    rows = blocks.run_blocks("cpu", ["group_norm_act"], quick=True)
 
 Bytes per case (the minimum traffic, T = one activation tensor):
 group_norm_act forward 2T (x read, y written), backward 3T (x, dy read, dx
@@ -27,12 +27,8 @@ from __future__ import annotations
 import copy
 import inspect
 import math
-import os
-import re
-import sys
-import tempfile
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -40,10 +36,11 @@ import torch
 import torch.nn.functional as F
 
 import fastdiff
-from fastdiff import bench as B
+from fastdiff.bench import _report as report
+from fastdiff.bench import _timing as timing
 from fastdiff.ops import _backend
 
-BLOCK_OPS = B.BLOCK_OPS
+BLOCK_OPS = report.BLOCK_OPS
 GROUPS = 32
 EPS = 1e-5
 GN_VARIANTS = ("plain", "add", "scale_shift")
@@ -164,12 +161,12 @@ def _cpu_backend_note(op: str, device: str) -> str:
     return ""
 
 
-def _row(case: B.Case, shape: str, dtype: torch.dtype, device: str, nsets: int, copy_gbps: Optional[float],
+def _row(case: timing.Case, shape: str, dtype: torch.dtype, device: str, nsets: int, copy_gbps: Optional[float],
          st, extra: Optional[dict] = None) -> dict:
-    """One result row: the keys of :func:`fastdiff.bench._row`, plus the
+    """One result row: the keys of :func:`fastdiff.bench.ops._row`, plus the
     block extras (flops/tflops, peak memory)."""
     r = {"op": case.op, "impl": case.impl, "variant": case.variant, "backend": case.backend,
-         "shape": shape, "dtype": B.DTYPE_NAMES.get(dtype, str(dtype)), "device": device,
+         "shape": shape, "dtype": timing.DTYPE_NAMES.get(dtype, str(dtype)), "device": device,
          "bytes": case.nbytes or None, "input_sets": nsets,
          "pred_ms": case.nbytes / (copy_gbps * 1e9) * 1e3 if copy_gbps and case.nbytes else None,
          "median_ms": None, "p20_ms": None, "p80_ms": None, "reps": 0, "gbps": None, "pct_copy_bw": None,
@@ -191,7 +188,7 @@ def _timed_rows(cases: list, device: str, nsets: int, quick: bool, compiler, sha
                 log, extras: Optional[list] = None) -> list:
     """Time ``cases`` (one case: its implementations interleaved on CPU) and
     turn them into rows; a failing implementation becomes a row with a note."""
-    results = B._time_cases(cases, device, nsets, quick)
+    results = timing.time_cases(cases, device, nsets, quick)
     rows = []
     for j, (case, res) in enumerate(zip(cases, results)):
         st = None
@@ -199,7 +196,7 @@ def _timed_rows(cases: list, device: str, nsets: int, quick: bool, compiler, sha
             msg = f"{type(res).__name__}: {str(res).strip().splitlines()[0] if str(res).strip() else ''}"
             case.note = (f"skipped: torch.compile failed ({msg[:160]})" if case.impl == "compile"
                          else f"failed: {msg[:200]}")
-            B._free(device)
+            timing.free(device)
         elif res is not None:
             st = res
             if case.impl == "compile":
@@ -207,7 +204,7 @@ def _timed_rows(cases: list, device: str, nsets: int, quick: bool, compiler, sha
                 case.note = (case.note + "; " if case.note else "") + f"first call {st['first_call_s']:.1f} s"
         row = _row(case, shape, dtype, device, nsets, copy_gbps, st, extras[j] if extras else None)
         rows.append(row)
-        label = f"{case.op:<15}{shape:<18}{row['dtype']:<6}{B._impl_label(case)}"
+        label = f"{case.op:<15}{shape:<18}{row['dtype']:<6}{report.impl_label(case)}"
         log(f"  {label:<72}" + (f"{row['median_ms']:9.3f} ms" if st else f"  {case.note}"))
     return rows
 
@@ -221,7 +218,7 @@ def _compiled(compiler, key: str, fn: Callable):
         if compiler.enabled and compiler.spent_s <= compiler.budget_s and key not in compiler.failed:
             torch._dynamo.reset()
         return compiler(key, fn), None
-    except B._Skip as e:
+    except timing.Skip as e:
         return None, str(e)
 
 
@@ -265,7 +262,7 @@ def _gn_timed_fn(mode: str, call: Callable, sets: list, which: str, backend: Opt
         return lambda i: call(sets[i]["x"], sets[i][which])
     if mode == "full":
         return lambda i: torch.autograd.grad(call(sets[i]["x"], sets[i][which]), ins[i], sets[i]["dy"])
-    with B._use_backend(backend):
+    with timing.use_backend(backend):
         ys = [call(s["x"], s[which]) for s in sets]
     return lambda i: torch.autograd.grad(ys[i], ins[i], sets[i]["dy"], retain_graph=True)
 
@@ -284,16 +281,16 @@ def _gn_cases(mode, sets, impls, compiled, compile_note, nbytes, compiler=None) 
             fn = _gn_timed_fn(mode, call, sets, which, backend)
         except Exception as e:
             msg = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}"
-            return B.Case("group_norm_act", impl, None, nbytes, "", backend,
+            return timing.Case("group_norm_act", impl, None, nbytes, "", backend,
                           note=f"skipped: torch.compile failed ({msg})" if impl == "compile" else f"failed: {msg}")
         if impl == "compile" and compiler is not None:  # "bwd" compiles the forward here
             compiler.spent_s += time.perf_counter() - t0
-        return B.Case("group_norm_act", impl, fn, nbytes, "", backend)
+        return timing.Case("group_norm_act", impl, fn, nbytes, "", backend)
 
     cases = [case(impl, _fd_group_norm_act, "fastdiff", backend) for impl, backend in impls]
     cases.append(case("eager", eager_call(eager_group_norm_act), "eager", None))
     if compiled is None:
-        cases.append(B.Case("group_norm_act", "compile", None, nbytes, note=compile_note))
+        cases.append(timing.Case("group_norm_act", "compile", None, nbytes, note=compile_note))
     else:
         cases.append(case("compile", eager_call(compiled), "eager", None))
     return cases
@@ -303,19 +300,19 @@ def group_norm_rows(device, shapes, dtypes, quick, compiler, copy_gbps, log, var
                     layouts=LAYOUTS, modes=GN_MODES) -> list:
     rows = []
     impls = _impls(device, "group_norm_act", "group_norm_act_backward")
-    cache = B._cache_bytes(device)
+    cache = timing.cache_bytes(device)
     note = _cpu_backend_note("group_norm_act", device)
     for shape in shapes:
         for dt in dtypes:
             elem = torch.empty((), dtype=dt).element_size()
-            label = B.shape_str(shape)
+            label = timing.shape_str(shape)
             if len(shape) < 3 or shape[1] % GROUPS:
                 why = f"skipped: needs (N, C, *spatial) with C divisible by {GROUPS} groups"
-                rows.append(_row(B.Case("group_norm_act", "*", None, 0, note=why), label, dt, device, 0, copy_gbps,
+                rows.append(_row(timing.Case("group_norm_act", "*", None, 0, note=why), label, dt, device, 0, copy_gbps,
                                  None))
                 continue
             T = math.prod(shape) * elem
-            nsets = B._num_sets(3 * T, cache)  # x, y, dy per set
+            nsets = timing.num_sets(3 * T, cache)  # x, y, dy per set
             for variant in variants:
                 for layout in layouts:
                     if layout == "NHWC" and len(shape) != 4:
@@ -325,11 +322,11 @@ def group_norm_rows(device, shapes, dtypes, quick, compiler, copy_gbps, log, var
                         sets = _gn_inputs(shape, dt, device, layout, variant, nsets, gen)
                     except torch.OutOfMemoryError as e:
                         log(f"group_norm_act {label}: out of memory building inputs ({e})")
-                        rows.append(_row(B.Case("group_norm_act", "*", None, 0, f"{variant} {layout}",
+                        rows.append(_row(timing.Case("group_norm_act", "*", None, 0, f"{variant} {layout}",
                                                 note="out of memory"), label, dt, device, nsets, copy_gbps, None))
-                        B._free(device)
+                        timing.free(device)
                         continue
-                    key = f"group_norm_act/{variant}/{layout}/{label}/{B.DTYPE_NAMES.get(dt, dt)}"
+                    key = f"group_norm_act/{variant}/{layout}/{label}/{timing.DTYPE_NAMES.get(dt, dt)}"
                     compiled, cnote = _compiled(compiler, key, eager_group_norm_act)
                     for mode in modes:
                         var = f"{variant} {layout} {mode}"
@@ -341,9 +338,9 @@ def group_norm_rows(device, shapes, dtypes, quick, compiler, copy_gbps, log, var
                                 c.note = note
                         rows += _timed_rows(cases, device, nsets, quick, compiler, label, dt, copy_gbps, log)
                         del cases
-                        B._free(device)
+                        timing.free(device)
                     del sets, compiled
-                    B._free(device)
+                    timing.free(device)
     return rows
 
 
@@ -395,29 +392,29 @@ def _attn_cases(c: AttnCase, mode: str, inp: dict, impls: list, device: str, nby
 
     cases = []
     if device == "cpu":
-        cases.append(B.Case("attention", "fastdiff", None, nbytes, note=(
+        cases.append(timing.Case("attention", "fastdiff", None, nbytes, note=(
             "n/a on CPU: the fused kernel is GPU-only; fastdiff.attention() calls SDPA here (= the sdpa row)")))
     for impl, backend in impls:
-        cases.append(B.Case("attention", impl, wrap(lambda q, k, v: fastdiff.attention(q, k, v, fused=True)),
+        cases.append(timing.Case("attention", impl, wrap(lambda q, k, v: fastdiff.attention(q, k, v, fused=True)),
                             nbytes, "", backend))
     pick = _sdpa_pick(qs[0].detach(), ks[0].detach(), vs[0].detach())
-    cases.append(B.Case("attention", "sdpa", wrap(F.scaled_dot_product_attention), nbytes,
+    cases.append(timing.Case("attention", "sdpa", wrap(F.scaled_dot_product_attention), nbytes,
                         note=f"PyTorch picks {pick}"))
     if device == "cuda":
         from torch.nn.attention import sdpa_kernel
 
         for name in _SDPA_BACKENDS:
-            cases.append(B.Case("attention", f"sdpa-{name}", wrap(
+            cases.append(timing.Case("attention", f"sdpa-{name}", wrap(
                 F.scaled_dot_product_attention, lambda name=name: sdpa_kernel(_sdpa_backend(name))), nbytes))
-    cases.append(B.Case("attention", "eager", wrap(eager_attention), nbytes))
+    cases.append(timing.Case("attention", "eager", wrap(eager_attention), nbytes))
     for cc in cases:
         cc.variant = f"{c.kind} {mode}"
     return cases
 
 
 def attn_num_sets(c: AttnCase, dtype, device: str) -> int:
-    return B._num_sets(attn_bytes(c, torch.empty((), dtype=dtype).element_size(), "fwd+bwd") // 2,
-                       B._cache_bytes(device))
+    return timing.num_sets(attn_bytes(c, torch.empty((), dtype=dtype).element_size(), "fwd+bwd") // 2,
+                       timing.cache_bytes(device))
 
 
 def attention_rows(device, cases_: Sequence[AttnCase], dtypes, quick, copy_gbps, log, modes=ATTN_MODES) -> list:
@@ -432,9 +429,9 @@ def attention_rows(device, cases_: Sequence[AttnCase], dtypes, quick, copy_gbps,
                 inp = _attn_inputs(c, dt, device, nsets, gen)
             except torch.OutOfMemoryError as e:
                 log(f"attention {c.label}: out of memory building inputs ({e})")
-                rows.append(_row(B.Case("attention", "*", None, 0, note="out of memory"), c.label, dt, device,
+                rows.append(_row(timing.Case("attention", "*", None, 0, note="out of memory"), c.label, dt, device,
                                  nsets, copy_gbps, None))
-                B._free(device)
+                timing.free(device)
                 continue
             for mode in modes:
                 cases = _attn_cases(c, mode, inp, impls, device, attn_bytes(c, elem, mode))
@@ -442,105 +439,24 @@ def attention_rows(device, cases_: Sequence[AttnCase], dtypes, quick, copy_gbps,
                 rows += _timed_rows(cases, device, nsets, quick, None, c.label, dt, copy_gbps, log,
                                     [extra] * len(cases))
                 del cases
-                B._free(device)
+                timing.free(device)
             del inp
-            B._free(device)
+            timing.free(device)
     return rows
 
 
-# ------------------------------------------------------------ unet_step -----
-_KINETO_LINE = re.compile(r"^(USDT|INFO|WARNING|ERROR):\d{4}-\d\d-\d\d [\d:]+ \d+:\d+ \w+\.cpp:\d+\]")
-
-
-@contextmanager
-def _without_kineto_log():
-    """Drop the profiler library's start/stop log lines (it writes them to
-    file descriptor 2 itself); every other line written meanwhile is passed on."""
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-        tmp = tempfile.TemporaryFile()
-        os.dup2(tmp.fileno(), 2)
-    except (OSError, ValueError):  # no usable fd 2 (embedded interpreters): leave it alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        sys.stderr.flush()
-        os.dup2(saved, 2)
-        os.close(saved)
-        tmp.seek(0)
-        for line in tmp.read().decode(errors="replace").splitlines(keepends=True):
-            if not _KINETO_LINE.match(line):
-                sys.stderr.write(line)
-        tmp.close()
-
-
-def cpu_peak_bytes(fn: Callable[[], object]) -> int:
-    """Peak bytes allocated by ``fn()`` above what was allocated when it
-    started, on CPU: the allocation and free events of PyTorch's CPU
-    allocator recorded by the profiler (``profile_memory``), summed in time
-    order. Counts every tensor allocation (intermediate buffers inside ops
-    included); memory a library allocates on its own (e.g. oneDNN scratch
-    pads) is not seen."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with _without_kineto_log():
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            fn()
-    # raw allocator events (signed byte counts), in time order
-    mem = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                 if e.name() == "[memory]" and str(e.device_type()).endswith("CPU"))
-    cur = peak = 0
-    for _, n in mem:
-        cur += n
-        peak = max(peak, cur)
-    return peak
-
-
-def step_peak_memory(fn: Callable[[], object], device: str, base_bytes: int) -> dict:
-    """Peak memory of one training step ``fn()``: ``step_mem_bytes`` = the
-    peak allocated above what was allocated when it started (GPU: the
-    caching allocator's ``max_memory_allocated`` after a reset, minus
-    ``memory_allocated`` at the start; CPU: :func:`cpu_peak_bytes`), and
-    ``peak_mem_bytes`` = ``base_bytes`` (parameters, optimizer state,
-    inputs) + that, the same definition on both devices."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-        start = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-        return {"peak_mem_bytes": base_bytes + peak - start, "step_mem_bytes": peak - start,
-                "cuda_max_allocated_bytes": peak, "mem_method": "torch.cuda.max_memory_allocated - start"}
-    extra = cpu_peak_bytes(fn)
-    return {"peak_mem_bytes": base_bytes + extra, "step_mem_bytes": extra,
-            "mem_method": "torch.profiler profile_memory (CPU allocator events)"}
-
-
-def _storage_bytes(tensors) -> int:
-    seen, total = set(), 0
-    for t in tensors:
-        if isinstance(t, torch.Tensor):
-            s = t.untyped_storage()
-            if s.data_ptr() not in seen:
-                seen.add(s.data_ptr())
-                total += s.nbytes()
-    return total
 
 
 def _load_unet(preset: str):
-    """(UNet class, unfused) from fastdiff.nn, or raises _Skip with the reason."""
+    """(UNet class, unfused) from fastdiff.nn, or raises Skip with the reason."""
     try:
         from fastdiff.nn import UNet
     except Exception as e:
-        raise B._Skip(f"skipped: fastdiff.nn.UNet is not importable ({type(e).__name__}: {str(e)[:120]})")
+        raise timing.Skip(f"skipped: fastdiff.nn.UNet is not importable ({type(e).__name__}: {str(e)[:120]})")
     try:
         from fastdiff.nn import unfused
     except Exception as e:
-        raise B._Skip(f"skipped: fastdiff.nn.unfused (the stock-layer variant) is not importable "
+        raise timing.Skip(f"skipped: fastdiff.nn.unfused (the stock-layer variant) is not importable "
                       f"({type(e).__name__}: {str(e)[:120]})")
     return (lambda: UNet.from_preset(preset)), unfused
 
@@ -587,9 +503,9 @@ def unet_steps(device: str, batch: int, dtype, preset: str = UNET_PRESET,
     {impl: bytes of parameters + optimizer state + inputs}}. The model is
     ``model_factory()`` (default ``fastdiff.nn.UNet.from_preset(preset)``),
     the stock variant ``unfused`` (default ``fastdiff.nn.unfused``) applied to
-    it; bf16/fp16 run under ``torch.autocast``. Raises ``bench._Skip`` when
+    it; bf16/fp16 run under ``torch.autocast``. Raises ``Skip`` when
     fastdiff.nn is missing."""
-    dtype = B.parse_dtype(dtype)
+    dtype = timing.parse_dtype(dtype)
     if model_factory is None:
         model_factory, unf = _load_unet(preset)
         unfused = unfused or unf
@@ -603,7 +519,7 @@ def unet_steps(device: str, batch: int, dtype, preset: str = UNET_PRESET,
     nsets = 2
     xs = [torch.randn(shape, generator=gen, device=device) for _ in range(nsets)]
     noises = [torch.randn(shape, generator=gen, device=device) for _ in range(nsets)]
-    ts = [torch.randint(0, B.T_TRAIN, (shape[0],), generator=gen, device=device) for _ in range(nsets)]
+    ts = [torch.randint(0, timing.T_TRAIN, (shape[0],), generator=gen, device=device) for _ in range(nsets)]
     amp = dtype != torch.float32
     # one optimizer per model object: with a context-manager unfused both steps train the same parameters
     opts = {id(m): torch.optim.Adam(m.parameters(), lr=2e-4) for m in (model, stock_model)}
@@ -628,7 +544,7 @@ def unet_steps(device: str, batch: int, dtype, preset: str = UNET_PRESET,
         out[impl] = make_step(m, ctx)
         out[impl](0)
         opt = opts[id(m)]
-        out["base_bytes"][impl] = _storage_bytes(list(m.parameters()) + [t for st in opt.state.values()
+        out["base_bytes"][impl] = timing.storage_bytes(list(m.parameters()) + [t for st in opt.state.values()
                                                                          for t in st.values()] + xs + noises + ts)
     return out
 
@@ -640,35 +556,35 @@ def unet_rows(device, batch: int, dtypes, quick, log, preset: str = UNET_PRESET,
     :func:`unet_steps`). The fastdiff row carries ``peak_mem_ratio_vs_stock``
     and ``step_mem_ratio_vs_stock`` (fastdiff / stock)."""
     rows = []
-    for dt in [B.parse_dtype(d) for d in dtypes]:
-        label = B.shape_str((batch, *UNET_IMAGE))
+    for dt in [timing.parse_dtype(d) for d in dtypes]:
+        label = timing.shape_str((batch, *UNET_IMAGE))
 
         def fail(why):
-            log(f"  unet_step {label} {B.DTYPE_NAMES.get(dt, dt)}: {why}")
-            return [_row(B.Case("unet_step", impl, None, 0, preset, note=why), label, dt, device, 0, None, None)
+            log(f"  unet_step {label} {timing.DTYPE_NAMES.get(dt, dt)}: {why}")
+            return [_row(timing.Case("unet_step", impl, None, 0, preset, note=why), label, dt, device, 0, None, None)
                     for impl in ("fastdiff", "stock")]
 
         try:
             st = unet_steps(device, batch, dt, preset, model_factory, unfused)
-            label = B.shape_str(st["shape"])
-            mem = [step_peak_memory(lambda: st[impl](1), device, st["base_bytes"][impl])
+            label = timing.shape_str(st["shape"])
+            mem = [timing.step_peak_memory(lambda: st[impl](1), device, st["base_bytes"][impl])
                    for impl in ("fastdiff", "stock")]
-        except B._Skip as e:
+        except timing.Skip as e:
             rows += fail(str(e))
             continue
         except Exception as e:
             msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
             rows += fail(f"failed: {type(e).__name__}: {msg}")
             st = None
-            B._free(device)
+            timing.free(device)
             continue
         amp = dt != torch.float32
-        cases = [B.Case("unet_step", "fastdiff", st["fastdiff"], 0, preset,
+        cases = [timing.Case("unet_step", "fastdiff", st["fastdiff"], 0, preset,
                         note=_cpu_backend_note("group_norm_act", device)),
-                 B.Case("unet_step", "stock", st["stock"], 0, preset,
+                 timing.Case("unet_step", "stock", st["stock"], 0, preset,
                         note="fastdiff.nn.unfused: stock PyTorch layers")]
         for m in mem:
-            m["autocast"] = B.DTYPE_NAMES.get(dt) if amp else None
+            m["autocast"] = timing.DTYPE_NAMES.get(dt) if amp else None
         for k in ("peak_mem_bytes", "step_mem_bytes"):
             mem[0][k.replace("_bytes", "_ratio_vs_stock")] = mem[0][k] / mem[1][k] if mem[1][k] else None
         rows += _timed_rows(cases, device, st["nsets"], quick, None, label, dt, None, log, mem)
@@ -677,7 +593,7 @@ def unet_rows(device, batch: int, dtypes, quick, log, preset: str = UNET_PRESET,
             f"{mem[1]['peak_mem_bytes'] / 2**20:.0f} MiB (above the start of the step: "
             f"{mem[0]['step_mem_bytes'] / 2**20:.0f} / {mem[1]['step_mem_bytes'] / 2**20:.0f} MiB)")
         del st, cases
-        B._free(device)
+        timing.free(device)
     return rows
 
 
@@ -709,22 +625,22 @@ def run_blocks(device: str = "cpu", ops: Optional[Sequence[str]] = None, dtype="
     ``batch`` replaces the batch of the default shapes and of the U-Net step
     (``unet_preset``: a :data:`fastdiff.nn.PRESETS` name; default
     ``ddpm-cifar10``, ``tiny`` with ``quick``)."""
-    device = B.resolve_device(device)
+    device = timing.resolve_device(device)
     log = log or (lambda msg: None)
     ops = list(BLOCK_OPS) if not ops else list(ops)
     for o in ops:
         if o not in BLOCK_OPS:
             raise ValueError(f"unknown block op {o!r}; block ops are {', '.join(BLOCK_OPS)}")
-    dtypes = [B.parse_dtype(d) for d in ([dtype] if isinstance(dtype, (str, torch.dtype)) else dtype)]
-    shapes = [B.parse_shape(s) if isinstance(s, str) else tuple(s) for s in shapes] if shapes else None
+    dtypes = [timing.parse_dtype(d) for d in ([dtype] if isinstance(dtype, (str, torch.dtype)) else dtype)]
+    shapes = [timing.parse_shape(s) if isinstance(s, str) else tuple(s) for s in shapes] if shapes else None
     if compile is None:
         compile = not quick
     why_off = "skipped: --no-compile" if not quick else "skipped in --quick (use --compile to time it)"
     budget = COMPILE_BUDGET_S[device] if compile_budget_s is None else compile_budget_s
-    compiler = B._Compiler(bool(compile), why_off, budget)
+    compiler = timing.Compiler(bool(compile), why_off, budget)
     if copy_gbps is None and ("group_norm_act" in ops or "attention" in ops):
         log(f"measuring the {device} copy bandwidth ...")
-        copy_gbps = B.copy_bandwidth(device, quick)
+        copy_gbps = timing.copy_bandwidth(device, quick)
         log(f"copy bandwidth: {copy_gbps:.1f} GB/s")
     rows = []
     if "group_norm_act" in ops:
