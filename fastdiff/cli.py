@@ -243,7 +243,7 @@ def save_samples(x, path: str) -> None:
     import numpy as np
     import torch
 
-    from .train import _save_scatter, save_image_grid
+    from .train.images import save_image_grid, save_scatter
 
     if path.endswith(".npz"):
         if x.dim() == 4:
@@ -254,7 +254,7 @@ def save_samples(x, path: str) -> None:
     elif x.dim() == 4:
         save_image_grid(x, path)
     elif x.dim() == 2 and x.shape[1] >= 2:
-        _save_scatter(x, None, path, f"{x.shape[0]} samples")
+        save_scatter(x, None, path, f"{x.shape[0]} samples")
     else:
         raise ValueError(f"cannot draw samples of shape {tuple(x.shape[1:])} as a PNG; use an .npz --out")
 

@@ -13,7 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-import fastdiff.train as T
+import fastdiff.train.checkpoint as TC
+import fastdiff.train.trainer as T
 from fastdiff.data import load_dataset
 from fastdiff.diffusion.gaussian import GaussianDiffusion
 from fastdiff.nn import MLPDenoiser, UNet
@@ -251,7 +252,7 @@ def test_interrupted_checkpoint_write_keeps_the_last_good_one(tmp_path, roll, mo
     c = cfg(tmp_path, steps=4, checkpoint_every=2)
     ref = Trainer(mlp_diffusion(), roll, cfg(tmp_path, "ref", steps=4)).train()["history"]
 
-    real_write = T._write_file
+    real_write = TC._write_file
     calls = []
 
     def failing_write(path, data):
@@ -261,7 +262,7 @@ def test_interrupted_checkpoint_write_keeps_the_last_good_one(tmp_path, roll, mo
             raise OSError("disk full (simulated)")
         real_write(path, data)
 
-    monkeypatch.setattr(T, "_write_file", failing_write)
+    monkeypatch.setattr(TC, "_write_file", failing_write)
     with pytest.raises(OSError, match="disk full"):
         Trainer(mlp_diffusion(), roll, c).train()
     monkeypatch.undo()

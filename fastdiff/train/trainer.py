@@ -52,24 +52,22 @@ import io
 import json
 import math
 import os
-import shutil
 import time
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from typing import Iterator, Optional, Union
 
 import torch
-from torch import nn
 
-from .data import InMemoryDataset, sample_shape as _dataset_sample_shape
-
-__all__ = ["TrainConfig", "Trainer", "TrainingDiverged", "EMA", "load_checkpoint", "build_from_checkpoint",
-           "read_checkpoint_meta", "find_checkpoint", "save_image_grid"]
+from ..data import InMemoryDataset, sample_shape as _dataset_sample_shape
+from .checkpoint import (CHECKPOINT_DIR, atomic_write_dir, find_checkpoint, load_safetensors, load_state,
+                         state_dict_tensors)
+from .config import TrainConfig
+from .ema import EMA
+from .images import save_image_grid, save_loss_plot, save_scatter
 
 Tensor = torch.Tensor
 
-CHECKPOINT_DIR = "checkpoint"
-_FILES = ("model.safetensors", "ema.safetensors", "state.pt")
 _NO_BAD_STEP = 2**62  # "no non-finite loss seen yet"
 
 
@@ -82,170 +80,6 @@ class TrainingDiverged(RuntimeError):
         where = f"the last good checkpoint is {checkpoint!r}" if checkpoint else "no checkpoint had been written"
         super().__init__(f"training diverged: the loss at step {step} is NaN or inf; stopped without saving "
                          f"that state ({where}). Try a lower lr, grad_clip > 0, or precision='fp32'/'bf16'.")
-
-
-# ------------------------------------------------------------------ config --
-@dataclass
-class TrainConfig:
-    """Training settings. Every field is validated by :meth:`validate`
-    (called by :class:`Trainer`), which raises a ValueError naming the field.
-
-    Attributes:
-        steps: total optimizer steps (>= 1); on resume, training continues up to this.
-        batch_size: samples per step per process (the global batch is
-            ``batch_size * world_size`` under torchrun).
-        lr: peak AdamW learning rate. weight_decay: AdamW's decoupled decay.
-        adam_betas: AdamW's (beta1, beta2).
-        warmup_steps: linear warm-up of the lr over this many steps
-            (lr * min(1, (k + 1) / warmup_steps) at 0-based step k; 0: none).
-        lr_schedule: ``"constant"`` after warm-up (DDPM) or ``"cosine"``
-            (decays to 0 at ``steps``).
-        grad_clip: clip gradients to this global L2 norm (0: no clipping;
-            the norm is still measured and logged).
-        ema_decay: EMA decay in [0, 1) of the shadow weights used for sampling.
-        ema_warmup: use ``min(ema_decay, (1 + k) / (10 + k))`` at the k-th
-            update, so the EMA forgets its random initialisation quickly.
-        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (autocast; fp16 also
-            scales the loss with a GradScaler). Weights and optimizer stay fp32.
-        channels_last: image models and batches in channels_last memory format.
-        compile: ``torch.compile`` the training forward: True (inductor) or a
-            backend name such as ``"aot_eager"``; False: eager.
-        seed: seeds the data order, the timesteps/noise and dropout (the
-            Trainer reseeds the global torch RNG, which dropout uses).
-        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``... None: CUDA when
-            available (``cuda:LOCAL_RANK`` under torchrun), else the CPU.
-        out_dir: where checkpoints, logs, plots and samples go.
-        log_every: log (loss, lr, grad norm, time) averaged over this many steps;
-            also how often a non-finite loss is detected.
-        checkpoint_every: checkpoint every this many steps (0: only at the end).
-        sample_every: write a sample grid every this many steps (0: only at the end).
-        num_samples: samples per grid (0: no sampling).
-        sample_steps: sampler steps (None: all num_timesteps). sample_method:
-            ``"ddpm"`` or ``"ddim"``.
-        num_workers: DataLoader worker processes for datasets read from disk
-            (in-memory datasets are indexed directly, without a DataLoader).
-        progress: show a tqdm progress bar (rank 0 only).
-    """
-
-    steps: int = 1000
-    batch_size: int = 64
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    adam_betas: tuple = (0.9, 0.999)
-    warmup_steps: int = 100
-    lr_schedule: str = "constant"
-    grad_clip: float = 1.0
-    ema_decay: float = 0.999
-    ema_warmup: bool = True
-    precision: str = "fp32"
-    channels_last: bool = False
-    compile: Union[bool, str] = False
-    seed: int = 0
-    device: Optional[str] = None
-    out_dir: str = "runs/default"
-    log_every: int = 50
-    checkpoint_every: int = 500
-    sample_every: int = 0
-    num_samples: int = 64
-    sample_steps: Optional[int] = None
-    sample_method: str = "ddpm"
-    num_workers: int = 0
-    progress: bool = True
-
-    def validate(self) -> "TrainConfig":
-        def bad(name, want):
-            raise ValueError(f"TrainConfig.{name} must be {want}, got {getattr(self, name)!r}")
-
-        def is_int(v):
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        def is_num(v):
-            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-        for name in ("steps", "batch_size", "log_every"):
-            if not is_int(getattr(self, name)) or getattr(self, name) < 1:
-                bad(name, "an int >= 1")
-        for name in ("warmup_steps", "checkpoint_every", "sample_every", "num_samples", "num_workers", "seed"):
-            if not is_int(getattr(self, name)) or getattr(self, name) < 0:
-                bad(name, "an int >= 0")
-        if not is_num(self.lr) or self.lr <= 0:
-            bad("lr", "a finite number > 0")
-        for name in ("weight_decay", "grad_clip"):
-            if not is_num(getattr(self, name)) or getattr(self, name) < 0:
-                bad(name, "a finite number >= 0")
-        if not is_num(self.ema_decay) or not 0 <= self.ema_decay < 1:
-            bad("ema_decay", "a number in [0, 1)")
-        b = self.adam_betas
-        if not (isinstance(b, (tuple, list)) and len(b) == 2 and all(is_num(v) and 0 <= v < 1 for v in b)):
-            bad("adam_betas", "a pair of numbers in [0, 1)")
-        self.adam_betas = tuple(float(v) for v in b)
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            bad("precision", "one of 'fp32', 'bf16', 'fp16'")
-        if self.lr_schedule not in ("constant", "cosine"):
-            bad("lr_schedule", "'constant' or 'cosine'")
-        if self.sample_method not in ("ddpm", "ddim"):
-            bad("sample_method", "'ddpm' or 'ddim'")
-        if self.sample_steps is not None and (not is_int(self.sample_steps) or self.sample_steps < 1):
-            bad("sample_steps", "None or an int >= 1")
-        if not isinstance(self.compile, (bool, str)) or (isinstance(self.compile, str) and not self.compile):
-            bad("compile", "a bool or a torch.compile backend name")
-        if not isinstance(self.out_dir, (str, os.PathLike)) or not os.fspath(self.out_dir):
-            bad("out_dir", "a non-empty path")
-        for name in ("channels_last", "progress", "ema_warmup"):
-            if not isinstance(getattr(self, name), bool):
-                bad(name, "a bool")
-        if self.device is not None:
-            try:
-                torch.device(self.device)
-            except (RuntimeError, TypeError):
-                bad("device", "None or a torch device string such as 'cpu' or 'cuda:0'")
-        return self
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        """A config from a dict (e.g. a checkpoint's), ignoring unknown keys."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: (tuple(v) if k == "adam_betas" else v) for k, v in d.items() if k in names})
-
-
-# --------------------------------------------------------------------- EMA --
-class EMA:
-    """Exponential moving average of a module's floating-point parameters.
-
-    ``model`` is a deep copy of the source module (in eval mode, no grads);
-    :meth:`update` moves its parameters towards the source's:
-    ``shadow = decay_k * shadow + (1 - decay_k) * param`` with
-    ``decay_k = min(decay, (1 + k) / (10 + k))`` at the k-th update when
-    ``warmup`` (else ``decay``), and copies buffers. One fused
-    ``_foreach_lerp_`` per update; no host synchronisation.
-
-    Args:
-        source: the trained module. decay: in [0, 1). warmup: as above.
-        shadow: average into this existing copy of ``source`` (same structure)
-            instead of a new deep copy.
-    """
-
-    def __init__(self, source: nn.Module, decay: float = 0.999, warmup: bool = True,
-                 shadow: Optional[nn.Module] = None):
-        self.model = (copy.deepcopy(source) if shadow is None else shadow).eval().requires_grad_(False)
-        self.decay, self.warmup, self.updates = float(decay), bool(warmup), 0
-        pairs = [(s, p) for s, p in zip(self.model.parameters(), source.parameters()) if p.is_floating_point()]
-        self._shadow = [s for s, _ in pairs]
-        self._params = [p for _, p in pairs]
-        self._buffers = list(zip(self.model.buffers(), source.buffers()))
-
-    def current_decay(self) -> float:
-        k = self.updates
-        return min(self.decay, (1 + k) / (10 + k)) if self.warmup else self.decay
-
-    @torch.no_grad()
-    def update(self) -> None:
-        d = self.current_decay()
-        self.updates += 1
-        if self._shadow:
-            torch._foreach_lerp_(self._shadow, [p.detach() for p in self._params], 1.0 - d)
-        for b, src in self._buffers:
-            b.copy_(src)
 
 
 # --------------------------------------------------------------- data order --
@@ -297,249 +131,6 @@ def _first(item):
 
 def _collate(items) -> Tensor:
     return torch.stack([_first(it) for it in items])
-
-
-# ---------------------------------------------------------------- file I/O --
-def _write_file(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` and fsync it."""
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # e.g. Windows: directories cannot be opened
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _state_dict_tensors(module: nn.Module) -> dict[str, Tensor]:
-    # safetensors wants contiguous, unshared CPU tensors (channels_last weights are not contiguous)
-    return {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
-
-
-def _atomic_write_dir(out_dir: str, name: str, files: dict[str, bytes]) -> str:
-    """Write ``files`` (name -> bytes) as the directory ``out_dir/name``, atomically."""
-    final = os.path.join(out_dir, name)
-    tmp, old = final + ".tmp", final + ".old"
-    if os.path.exists(tmp):  # left by a crash during an earlier write
-        shutil.rmtree(tmp)
-    os.makedirs(tmp)
-    try:
-        for fname, data in files.items():
-            _write_file(os.path.join(tmp, fname), data)
-        _fsync_dir(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if os.path.exists(final):
-        if os.path.exists(old):
-            shutil.rmtree(old)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    _fsync_dir(out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def find_checkpoint(path: str) -> str:
-    """The checkpoint directory for ``path``: ``path`` itself if it holds
-    ``state.pt``, else ``path/checkpoint``, else (after a crash between the
-    two renames of a checkpoint write) ``path/checkpoint.old`` or
-    ``path.old``. Raises FileNotFoundError naming ``path`` if none exists."""
-    path = os.fspath(path)
-    candidates = [path, os.path.join(path, CHECKPOINT_DIR), os.path.join(path, CHECKPOINT_DIR + ".old"),
-                  path + ".old"]
-    for c in candidates:
-        if all(os.path.isfile(os.path.join(c, f)) for f in _FILES):
-            return c
-    if os.path.isdir(path) and any(os.path.exists(os.path.join(path, f)) for f in _FILES):
-        missing = [f for f in _FILES if not os.path.isfile(os.path.join(path, f))]
-        raise FileNotFoundError(f"checkpoint {path!r} is incomplete: missing {missing}")
-    raise FileNotFoundError(f"no checkpoint found at {path!r} (expected {', '.join(_FILES)} in it or in "
-                            f"{os.path.join(path, CHECKPOINT_DIR)!r})")
-
-
-def _load_safetensors(path: str) -> tuple[dict[str, Tensor], dict]:
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
-
-    try:
-        tensors = load_file(path, device="cpu")
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise ValueError(f"corrupt checkpoint file {path!r}: {e}") from e
-    info = json.loads(meta["fastdiff"]) if "fastdiff" in meta else {}
-    return tensors, info
-
-
-def _load_state(path: str) -> dict:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle/zip errors come in many types
-        raise ValueError(f"corrupt checkpoint file {path!r}: {e}") from e
-    if not isinstance(state, dict) or "step" not in state:
-        raise ValueError(f"corrupt checkpoint file {path!r}: not a fastdiff training state")
-    return state
-
-
-def read_checkpoint_meta(path: str) -> dict:
-    """The metadata of a checkpoint (directory or run directory): a dict with
-    ``model_class``, ``model_config``, ``diffusion_config`` and ``step``."""
-    ckpt = find_checkpoint(path)
-    from safetensors import safe_open
-
-    fpath = os.path.join(ckpt, "model.safetensors")
-    try:
-        with safe_open(fpath, framework="pt") as f:
-            meta = f.metadata() or {}
-    except Exception as e:
-        raise ValueError(f"corrupt checkpoint file {fpath!r}: {e}") from e
-    if "fastdiff" not in meta:
-        raise ValueError(f"checkpoint file {fpath!r} has no fastdiff metadata")
-    return json.loads(meta["fastdiff"])
-
-
-def _model_classes() -> dict[str, type]:
-    from .nn import MLPDenoiser, UNet
-
-    return {"UNet": UNet, "MLPDenoiser": MLPDenoiser}
-
-
-def build_from_checkpoint(path: str, ema: bool = True, *, device=None):
-    """Rebuild the :class:`~fastdiff.diffusion.GaussianDiffusion` (model and
-    diffusion settings) saved in a checkpoint, in eval mode.
-
-    Args:
-        path: the checkpoint directory or the run's ``out_dir``.
-        ema: load the EMA weights (True) or the raw trained weights.
-        device: where to put it (default: the CPU).
-
-    Works for :class:`~fastdiff.nn.UNet` and :class:`~fastdiff.nn.MLPDenoiser`
-    models; for other models build the diffusion yourself and use
-    :func:`load_checkpoint` with ``diffusion=``.
-    """
-    from .diffusion.gaussian import GaussianDiffusion
-
-    meta = read_checkpoint_meta(path)
-    classes = _model_classes()
-    cls = classes.get(meta.get("model_class"))
-    if cls is None or meta.get("model_config") is None:
-        raise ValueError(f"checkpoint {path!r} holds a {meta.get('model_class')!r} model, which cannot be rebuilt "
-                         f"from metadata (known: {sorted(classes)}); build the model and GaussianDiffusion "
-                         f"yourself and call load_checkpoint(path, diffusion)")
-    if meta.get("diffusion_config") is None:
-        raise ValueError(f"checkpoint {path!r} has no diffusion_config")
-    model = cls(**meta["model_config"])
-    diffusion = GaussianDiffusion.from_config(model, meta["diffusion_config"])
-    return load_checkpoint(path, diffusion, ema=ema, device=device)
-
-
-def load_checkpoint(path: str, diffusion=None, *, ema: bool = True, device=None):
-    """Load a checkpoint's weights for sampling or evaluation.
-
-    Args:
-        path: the checkpoint directory or the run's ``out_dir``.
-        diffusion: a GaussianDiffusion whose ``.model`` receives the weights
-            (strictly); None: rebuilt from the checkpoint metadata
-            (:func:`build_from_checkpoint`).
-        ema: the EMA weights (True) or the raw trained weights (False).
-        device: move the result there (default: leave it where it is; a
-            rebuilt one lives on the CPU).
-
-    Returns: the GaussianDiffusion, in eval mode.
-    """
-    if diffusion is None:
-        return build_from_checkpoint(path, ema=ema, device=device)
-    ckpt = find_checkpoint(path)
-    fpath = os.path.join(ckpt, "ema.safetensors" if ema else "model.safetensors")
-    tensors, _ = _load_safetensors(fpath)
-    try:
-        diffusion.model.load_state_dict(tensors)
-    except RuntimeError as e:
-        raise ValueError(f"the weights in {fpath!r} do not fit this model: {e}") from e
-    if device is not None:
-        diffusion.to(device)
-    return diffusion.eval()
-
-
-# ----------------------------------------------------------------- outputs --
-def save_image_grid(images: Tensor, path: str, nrow: Optional[int] = None, pad: int = 2) -> str:
-    """Save images (N, C, H, W) with values in [-1, 1] (C = 1 or 3) as one PNG
-    grid, ``nrow`` images per row (default ceil(sqrt(N))), ``pad`` pixels apart."""
-    from PIL import Image
-
-    if images.dim() != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(f"images must have shape (N, 1 or 3, H, W), got {tuple(images.shape)}")
-    n, c, h, w = images.shape
-    nrow = nrow or max(1, math.ceil(math.sqrt(n)))
-    rows = math.ceil(n / nrow)
-    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    grid = torch.zeros(c, rows * (h + pad) + pad, nrow * (w + pad) + pad, dtype=torch.uint8)
-    for i in range(n):
-        r, col = divmod(i, nrow)
-        grid[:, pad + r * (h + pad):pad + r * (h + pad) + h, pad + col * (w + pad):pad + col * (w + pad) + w] = x[i]
-    arr = grid[0].numpy() if c == 1 else grid.permute(1, 2, 0).numpy()
-    Image.fromarray(arr, mode="L" if c == 1 else "RGB").save(path)
-    return path
-
-
-def _save_scatter(samples: Tensor, data: Optional[Tensor], path: str, title: str) -> str:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(5, 5), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(111)
-    if data is not None:
-        d = data[:5000].float().cpu()
-        ax.scatter(d[:, 0], d[:, 1], s=2, c="0.75", label="data")
-    s = samples.float().cpu()
-    ax.scatter(s[:, 0], s[:, 1], s=3, c="tab:red", label="samples")
-    ax.set_aspect("equal")
-    ax.legend(loc="upper right")
-    ax.set_title(title)
-    fig.savefig(path)
-    return path
-
-
-def _save_loss_plot(history: list[dict], path: str) -> Optional[str]:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    pts = [(h["step"], h["loss"]) for h in history if math.isfinite(h["loss"]) and h["loss"] > 0]
-    if not pts:
-        return None
-    steps, losses = zip(*pts)
-    # exponential smoothing in log space over a window of ~5% of the points,
-    # debiased like Adam's moments (so the curve does not start at 0)
-    beta = 1.0 - 1.0 / max(1.0, len(losses) / 20.0)
-    smooth, m = [], 0.0
-    for k, v in enumerate(losses, 1):
-        m = beta * m + (1 - beta) * math.log(v)
-        smooth.append(math.exp(m / (1 - beta**k)))
-    fig = Figure(figsize=(6, 4), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(111)
-    ax.plot(steps, losses, color="tab:blue", alpha=0.35, lw=1, label="loss (mean per log interval)")
-    ax.plot(steps, smooth, color="tab:blue", lw=2, label="smoothed")
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    return path
 
 
 # ----------------------------------------------------------------- trainer --
@@ -794,9 +385,9 @@ class Trainer:
             buf = io.BytesIO()
             torch.save(state, buf)
             os.makedirs(self.out_dir, exist_ok=True)
-            path = _atomic_write_dir(self.out_dir, CHECKPOINT_DIR, {
-                "model.safetensors": save(_state_dict_tensors(self.model), metadata=meta),
-                "ema.safetensors": save(_state_dict_tensors(self.ema.model), metadata=meta),
+            path = atomic_write_dir(self.out_dir, CHECKPOINT_DIR, {
+                "model.safetensors": save(state_dict_tensors(self.model), metadata=meta),
+                "ema.safetensors": save(state_dict_tensors(self.ema.model), metadata=meta),
                 "state.pt": buf.getvalue()})
         if d is not None:
             d.barrier()
@@ -805,9 +396,9 @@ class Trainer:
 
     def _resume(self, path: str):
         ckpt = find_checkpoint(path)
-        state = _load_state(os.path.join(ckpt, "state.pt"))
-        model_t, info = _load_safetensors(os.path.join(ckpt, "model.safetensors"))
-        ema_t, _ = _load_safetensors(os.path.join(ckpt, "ema.safetensors"))
+        state = load_state(os.path.join(ckpt, "state.pt"))
+        model_t, info = load_safetensors(os.path.join(ckpt, "model.safetensors"))
+        ema_t, _ = load_safetensors(os.path.join(ckpt, "ema.safetensors"))
         saved_class = info.get("model_class")
         if saved_class is not None and saved_class != type(self.model).__name__:
             raise ValueError(f"checkpoint {ckpt!r} holds a {saved_class} model, not a {type(self.model).__name__}")
@@ -925,7 +516,7 @@ class Trainer:
                 save_image_grid(x, path)
             elif x.dim() == 2 and x.shape[1] == 2:
                 data = self._data if self._data is not None else None
-                _save_scatter(x, data, path, f"EMA samples at step {self.step}")
+                save_scatter(x, data, path, f"EMA samples at step {self.step}")
             else:
                 torch.save(x.cpu(), os.path.splitext(path)[0] + ".pt")
         return x
@@ -1009,7 +600,7 @@ class Trainer:
                     self._check_finite()
                     self.save_checkpoint()
                     if self.is_main:
-                        _save_loss_plot(self.history, os.path.join(self.out_dir, "loss.png"))
+                        save_loss_plot(self.history, os.path.join(self.out_dir, "loss.png"))
                 if cfg.sample_every and cfg.num_samples and self.step % cfg.sample_every == 0 and not last:
                     self._check_finite()
                     if self.is_main:
@@ -1027,7 +618,7 @@ class Trainer:
                 samples_path = self._sample_file()
                 self.sample(path=samples_path)
             self._write_logs()
-            loss_plot = _save_loss_plot(self.history, os.path.join(self.out_dir, "loss.png"))
+            loss_plot = save_loss_plot(self.history, os.path.join(self.out_dir, "loss.png"))
         self._elapsed_before = self._elapsed()
         self._t0 = None
         d = _dist()
@@ -1045,3 +636,4 @@ class Trainer:
         if self._owns_group and _dist() is not None:
             _dist().destroy_process_group()
             self._owns_group = False
+
