@@ -21,7 +21,7 @@ import fastdiff.triton as ft  # noqa: E402
 from fastdiff.reference import diffusion as ref  # noqa: E402
 from fastdiff.reference.noise import noise_like, philox4x32, philox_normal, split_key  # noqa: E402
 from fastdiff.triton import _common  # noqa: E402
-from fastdiff.triton._layout import canonical, is_batch_major_dense  # noqa: E402
+from fastdiff.ops._layout import canonical, is_batch_major_dense  # noqa: E402
 from fastdiff.triton._philox import normals, philox_words  # noqa: E402
 
 DEV = "cuda" if HAS_CUDA else "cpu"

@@ -40,6 +40,21 @@ def empty_canonical(x: torch.Tensor, dtype=None) -> torch.Tensor:
     return torch.empty(x.shape, dtype=dtype or x.dtype, device=x.device)
 
 
+def match_layout(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``x`` (same shape as the canonical ``ref``) with exactly ref's strides:
+    the secondary tensors of a step op (copied only when they differ)."""
+    if x.stride() == ref.stride() and is_non_overlapping_and_dense(x):
+        return x
+    out = torch.empty_like(ref, dtype=x.dtype)
+    out.copy_(x)
+    return out
+
+
+def per_sample(x: torch.Tensor) -> int:
+    """Elements per sample of a batch-major tensor."""
+    return 0 if x.size(0) == 0 else x.numel() // x.size(0)
+
+
 # ------------------------------------------------- U-Net block operators ----
 # GroupNorm: x (N, C, *spatial) is read either NC* contiguous ("NCHW") or
 # channels-last ("NHWC": x.movedim(1, -1) contiguous); any other layout is

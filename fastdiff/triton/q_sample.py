@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from . import _common as C
-from ._layout import canonical, match_layout, per_sample
+from ..ops._layout import canonical, match_layout, per_sample
 from ._philox import tile_normals
 
 
