@@ -156,6 +156,13 @@ def _build_model(preset: str, dataset, dataset_name: str):
 def _cmd_train(args) -> int:
     import torch
 
+    from ._extras import MissingExtra, require
+
+    try:
+        require("train", "fastdiff train")
+    except MissingExtra as e:
+        print(f"fastdiff train: error: {e}", file=sys.stderr)
+        return 2
     from .data import load_dataset, sample_shape
     from .diffusion import GaussianDiffusion
     from .schedule import NoiseSchedule
