@@ -23,12 +23,7 @@ from fastdiff import ops as _ops
 from fastdiff.reference import blocks as ref
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread for the module
 
 
 def _close(a, b, tol=2e-4):

@@ -26,14 +26,9 @@ def _report_module():
     return mod
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tiny models gain nothing from threads; one thread keeps these timing
-    runs fast when the CI machine's cores are shared (OpenMP threads spin)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# The tiny models gain nothing from threads; one thread keeps these timing runs fast when the CI
+# machine's cores are shared (OpenMP threads spin). The fixture lives in conftest.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------- model equivalence --

@@ -60,17 +60,12 @@ TOL_F64 = 1e-6
 
 
 # ------------------------------------------------------------- helpers ------
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """This module makes ~20,000 calls on tensors of a few hundred elements.
-    The CPU kernels hand every sample to at::parallel_for with grain 1, so
-    each call wakes the OpenMP pool; on a busy machine that costs ~10 ms a
-    call (vs ~0.1 ms on one thread) and dominated the module's run time.
-    Parallel chunking is exercised by test_noise_stats.py (large tensors)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# This module makes ~20,000 calls on tensors of a few hundred elements.
+# The CPU kernels hand every sample to at::parallel_for with grain 1, so
+# each call wakes the OpenMP pool; on a busy machine that costs ~10 ms a
+# call (vs ~0.1 ms on one thread) and dominated the module's run time.
+# Parallel chunking is exercised by test_noise_stats.py (large tensors).
+pytestmark = pytest.mark.usefixtures("one_thread")  # the conftest fixture
 
 
 def _clip_kwargs(clip):

@@ -1,9 +1,9 @@
 """pytest-benchmark suite of the U-Net block benchmarks of ``fastdiff bench``
 (fastdiff vs eager PyTorch vs SDPA vs stock layers), one benchmark each.
 
-    pytest benchmarks/test_bench_blocks.py --benchmark-only               # CPU, ~2 min
-    pytest benchmarks/test_bench_blocks.py --benchmark-only -k "group_norm and NHWC"
-    FASTDIFF_BENCH_BLOCK_SHAPE=8x256x16x16 pytest benchmarks/test_bench_blocks.py --benchmark-only
+    pytest benchmarks/suite/bench_blocks.py --benchmark-only               # CPU, ~2 min
+    pytest benchmarks/suite/bench_blocks.py --benchmark-only -k "group_norm and NHWC"
+    FASTDIFF_BENCH_BLOCK_SHAPE=8x256x16x16 pytest benchmarks/suite/bench_blocks.py --benchmark-only
     pytest benchmarks/ --benchmark-only --benchmark-group-by=group
 
 Cases: group_norm_act (plain / + time-embedding add / + scale-shift; NCHW

@@ -3,10 +3,10 @@ train`` / ``fastdiff bench sample``): one training step, and one whole
 sampling run, per configuration (diffusers eager, diffusers patched by
 fastdiff.nn.patch, fastdiff eager, fastdiff CUDA-graph sampling on a GPU).
 
-    pytest benchmarks/test_bench_e2e.py --benchmark-only                  # CPU: tiny preset, ~1 min
-    pytest benchmarks/test_bench_e2e.py --benchmark-only -k "sample and ddim"
-    FASTDIFF_BENCH_E2E_PRESET=digits-16 FASTDIFF_BENCH_E2E_BATCH=32 pytest benchmarks/test_bench_e2e.py --benchmark-only
-    pytest benchmarks/test_bench_e2e.py --benchmark-only --benchmark-group-by=group   # on a GPU: ddpm-cifar10
+    pytest benchmarks/suite/bench_e2e.py --benchmark-only                  # CPU: tiny preset, ~1 min
+    pytest benchmarks/suite/bench_e2e.py --benchmark-only -k "sample and ddim"
+    FASTDIFF_BENCH_E2E_PRESET=digits-16 FASTDIFF_BENCH_E2E_BATCH=32 pytest benchmarks/suite/bench_e2e.py --benchmark-only
+    pytest benchmarks/suite/bench_e2e.py --benchmark-only --benchmark-group-by=group   # on a GPU: ddpm-cifar10
 
 Sizes: CPU ``FASTDIFF_BENCH_E2E_PRESET`` (default ``tiny``), batch
 ``FASTDIFF_BENCH_E2E_BATCH`` (default 4, training and sampling), DDPM /
