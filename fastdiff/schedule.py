@@ -97,6 +97,29 @@ class NoiseSchedule:
         s = cls(torch.as_tensor(betas, dtype=torch.float64))
         return s.to(device) if device is not None else s
 
+    @classmethod
+    def from_alphas_cumprod(cls, alphas_cumprod, *, betas=None, name: str = "custom",
+                            config: dict | None = None) -> "NoiseSchedule":
+        """A schedule from its abar table, float64 (T,), kept as given: a
+        float64 tensor is shared, not copied (a module's buffer stays the
+        schedule's table). ``betas`` (same device) are derived as
+        1 - abar_t / abar_{t-1} unless given exactly. No range check here, so
+        building one from a device table never synchronises with the host."""
+        abar = torch.as_tensor(alphas_cumprod)
+        if abar.dim() != 1 or abar.numel() < 1:
+            raise ValueError(f"alphas_cumprod must be a non-empty 1-D tensor, got shape {tuple(abar.shape)}")
+        abar = abar.to(torch.float64)
+        if betas is None:
+            betas = 1 - torch.cat([abar[:1], abar[1:] / abar[:-1]])
+        else:
+            betas = torch.as_tensor(betas).to(device=abar.device, dtype=torch.float64)
+            if betas.shape != abar.shape:
+                raise ValueError(f"betas must have shape {tuple(abar.shape)}, got {tuple(betas.shape)}")
+        s = object.__new__(cls)
+        s.name, s.config = name, dict(config or {})
+        s.betas, s.alphas, s.alphas_cumprod = betas, 1 - betas, abar
+        return s
+
     # ----------------------------------------------------------- utilities --
     @property
     def num_timesteps(self) -> int:
@@ -109,12 +132,8 @@ class NoiseSchedule:
     def to(self, device) -> "NoiseSchedule":
         """This schedule with its tables on ``device`` (a new object; tables
         stay float64)."""
-        new = object.__new__(NoiseSchedule)
-        new.name, new.config = self.name, dict(self.config)
-        new.betas = self.betas.to(device)
-        new.alphas = self.alphas.to(device)
-        new.alphas_cumprod = self.alphas_cumprod.to(device)
-        return new
+        return NoiseSchedule.from_alphas_cumprod(self.alphas_cumprod.to(device), betas=self.betas.to(device),
+                                                 name=self.name, config=self.config)
 
     def snr(self) -> torch.Tensor:
         """Signal-to-noise ratio abar / (1 - abar), float64 (T,)."""
@@ -122,30 +141,8 @@ class NoiseSchedule:
 
     def loss_weight(self, t: torch.Tensor, weighting: str = "uniform", target: str = "epsilon",
                     snr_gamma: float = 5.0) -> torch.Tensor:
-        """Per-sample loss weights w_t, float32 (N,), gathered on t's device
-        with no host synchronisation.
-
-        ``uniform``: 1. ``min_snr`` (Hang et al. 2023) for the loss measured
-        on ``target``: min(SNR, gamma)/SNR for epsilon, min(SNR, gamma) for
-        sample (x0), min(SNR, gamma)/(SNR + 1) for v_prediction.
-        """
-        if weighting == "uniform":
-            return torch.ones(t.shape[0], dtype=torch.float32, device=t.device)
-        if weighting != "min_snr":
-            raise ValueError(f"weighting must be one of {WEIGHTINGS} or a tensor, got {weighting!r}")
-        if not snr_gamma > 0:
-            raise ValueError(f"snr_gamma must be > 0, got {snr_gamma}")
-        snr = self.snr().to(t.device)
-        clipped = snr.clamp(max=snr_gamma)
-        if target == "epsilon":
-            table = torch.where(snr <= snr_gamma, torch.ones_like(snr), snr_gamma / snr)
-        elif target == "sample":
-            table = clipped
-        elif target == "v_prediction":
-            table = clipped / (snr + 1)
-        else:
-            raise ValueError(f"target must be epsilon, sample or v_prediction, got {target!r}")
-        return table.to(torch.float32)[t.long().clamp(0, self.num_timesteps - 1)]
+        """Per-sample loss weights w_t for timesteps ``t``: see :func:`loss_weight`."""
+        return loss_weight(self.alphas_cumprod, t, weighting, target, snr_gamma)
 
     def timesteps(self, num_steps: int, spacing: str = "leading", steps_offset: int = 0) -> torch.Tensor:
         """The descending int64 timesteps of a respaced chain of ``num_steps``
@@ -167,3 +164,32 @@ class NoiseSchedule:
 
     def __repr__(self) -> str:
         return f"NoiseSchedule(name={self.name!r}, num_timesteps={self.num_timesteps}, device={self.device})"
+
+
+def loss_weight(alphas_cumprod: torch.Tensor, t: torch.Tensor, weighting: str = "uniform",
+                target: str = "epsilon", snr_gamma: float = 5.0) -> torch.Tensor:
+    """Per-sample loss weights w_t, float32 (N,), gathered on t's device
+    with no host synchronisation, from the float64 abar table.
+
+    ``uniform``: 1. ``min_snr`` (Hang et al. 2023) for the loss measured
+    on ``target``: min(SNR, gamma)/SNR for epsilon, min(SNR, gamma) for
+    sample (x0), min(SNR, gamma)/(SNR + 1) for v_prediction.
+    """
+    if weighting == "uniform":
+        return torch.ones(t.shape[0], dtype=torch.float32, device=t.device)
+    if weighting != "min_snr":
+        raise ValueError(f"weighting must be one of {WEIGHTINGS} or a tensor, got {weighting!r}")
+    if not snr_gamma > 0:
+        raise ValueError(f"snr_gamma must be > 0, got {snr_gamma}")
+    abar = alphas_cumprod.to(t.device)
+    snr = abar / (1 - abar)
+    clipped = snr.clamp(max=snr_gamma)
+    if target == "epsilon":
+        table = torch.where(snr <= snr_gamma, torch.ones_like(snr), snr_gamma / snr)
+    elif target == "sample":
+        table = clipped
+    elif target == "v_prediction":
+        table = clipped / (snr + 1)
+    else:
+        raise ValueError(f"target must be epsilon, sample or v_prediction, got {target!r}")
+    return table.to(torch.float32)[t.long().clamp(0, abar.shape[0] - 1)]

@@ -98,6 +98,30 @@ def test_min_snr_weights():
     assert torch.isfinite(zt.loss_weight(torch.tensor([999]), "min_snr", "epsilon")).all()
 
 
+
+def test_schedule_from_alphas_cumprod_shares_table_and_weights():
+    from fastdiff.schedule import loss_weight
+
+    abar = SCHED.alphas_cumprod
+    s = fastdiff.NoiseSchedule.from_alphas_cumprod(abar)
+    assert s.alphas_cumprod is abar  # a float64 table is shared, not copied
+    torch.testing.assert_close(s.betas, SCHED.betas, rtol=1e-9, atol=1e-15)  # derived 1 - abar_t/abar_{t-1}
+    exact = fastdiff.NoiseSchedule.from_alphas_cumprod(abar, betas=SCHED.betas, name="linear", config=SCHED.config)
+    assert exact.betas is SCHED.betas and exact.name == "linear" and exact.config == SCHED.config
+    t = torch.tensor([0, 7, 500, 999])
+    for weighting, target in [("uniform", "epsilon"), ("min_snr", "epsilon"), ("min_snr", "sample"),
+                              ("min_snr", "v_prediction")]:
+        torch.testing.assert_close(loss_weight(abar, t, weighting, target), SCHED.loss_weight(t, weighting, target),
+                                   rtol=0, atol=0)
+    moved = SCHED.to("cpu")
+    assert moved.alphas_cumprod.dtype == torch.float64 and moved.name == SCHED.name
+    with pytest.raises(ValueError, match="alphas_cumprod"):
+        fastdiff.NoiseSchedule.from_alphas_cumprod(torch.ones(2, 2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="betas"):
+        fastdiff.NoiseSchedule.from_alphas_cumprod(abar, betas=SCHED.betas[:-1])
+    with pytest.raises(ValueError, match="weighting"):
+        loss_weight(abar, t, "snr")
+
 # --------------------------------------------------------- torch.compile ---
 class _Counter:
     def __init__(self):

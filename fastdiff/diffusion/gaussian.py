@@ -24,7 +24,7 @@ from torch import nn
 
 from .. import ops as _ops
 from ..ops._codes import PREDICTION
-from ..schedule import SPACINGS, WEIGHTINGS, NoiseSchedule
+from ..schedule import SCHEDULES, SPACINGS, WEIGHTINGS, NoiseSchedule
 
 Tensor = torch.Tensor
 
@@ -147,12 +147,8 @@ class GaussianDiffusion(nn.Module):
     def schedule(self) -> NoiseSchedule:
         """The :class:`NoiseSchedule`, sharing this module's float64 tables
         (so it lives on the module's device)."""
-        s = object.__new__(NoiseSchedule)
-        s.name, s.config = self._schedule_name, dict(self._schedule_config)
-        s.betas = self.betas
-        s.alphas = 1 - self.betas
-        s.alphas_cumprod = self.alphas_cumprod
-        return s
+        return NoiseSchedule.from_alphas_cumprod(self.alphas_cumprod, betas=self.betas, name=self._schedule_name,
+                                                 config=self._schedule_config)
 
     @property
     def device(self) -> torch.device:
@@ -162,7 +158,7 @@ class GaussianDiffusion(nn.Module):
     def config(self) -> dict:
         """A JSON-able dict of the constructor settings; the schedule is its
         ``NoiseSchedule.config`` (named schedules) or ``{"betas": [...]}``."""
-        if self._schedule_config.get("name") in ("linear", "scaled_linear", "cosine", "sigmoid"):
+        if self._schedule_config.get("name") in SCHEDULES:
             sched = dict(self._schedule_config)
         else:
             sched = {"betas": self.betas.detach().cpu().tolist()}

@@ -26,7 +26,7 @@ import torch
 from . import _fakes  # noqa: F401  (registers fakes and autograd)
 from ._codes import PREDICTION, VARIANCE, code
 from ._schemas import op
-from ..schedule import NoiseSchedule
+from ..schedule import NoiseSchedule, loss_weight
 
 Timesteps = Union[int, Sequence, torch.Tensor]
 ScheduleLike = Union[NoiseSchedule, torch.Tensor]
@@ -230,14 +230,7 @@ def diffusion_loss(model_output: torch.Tensor, x0: torch.Tensor, t: Timesteps, s
             raise ValueError(f"weighting must have shape ({n},), got {tuple(weighting.shape)}")
         w = weighting.to(device=x0.device, dtype=torch.float32)
     else:
-        if isinstance(schedule, NoiseSchedule):
-            sched = schedule
-        else:
-            sched = NoiseSchedule.__new__(NoiseSchedule)
-            sched.alphas_cumprod = abar
-            sched.betas = sched.alphas = None
-            sched.name, sched.config = "custom", {}
-        w = NoiseSchedule.loss_weight(sched, tt, weighting, target, snr_gamma).to(x0.device)
+        w = loss_weight(abar, tt, weighting, target, snr_gamma).to(x0.device)
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
     need_grad = bool(torch.is_grad_enabled() and model_output.requires_grad)
