@@ -28,6 +28,7 @@ import pytest
 import torch
 
 from fastdiff import bench as B
+from fastdiff.bench import _timing as timing
 from fastdiff.bench import e2e as E
 
 HAS_CUDA = torch.cuda.is_available()
@@ -73,7 +74,7 @@ def test_e2e(benchmark, device, suite, method, impl):
     case = E.Case(suite, device, preset, batch, DTYPE, LAYOUT, method, steps.get(method, 1))
     try:
         built = (E._build_train if suite == "train" else E._build_sample)(case, impl)
-    except E._Skip as e:
+    except timing.Skip as e:
         pytest.skip(str(e))
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     counter = itertools.count()
@@ -93,4 +94,4 @@ def test_e2e(benchmark, device, suite, method, impl):
         benchmark.pedantic(unit, rounds=3, iterations=1, warmup_rounds=0)
     benchmark.extra_info["images_per_s"] = batch / benchmark.stats.stats.median
     del built
-    E._free(device)
+    timing.free(device)

@@ -8,6 +8,7 @@ the torch.compile budget, and the small vocabulary every suite shares
 each other."""
 from __future__ import annotations
 
+import gc
 import math
 import os
 import re
@@ -310,6 +311,8 @@ def use_backend(backend: Optional[str]):
 
 
 def free(device: str) -> None:
+    """Release what the previous case left: Python garbage, then the CUDA cache."""
+    gc.collect()
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.empty_cache()

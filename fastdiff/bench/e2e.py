@@ -172,10 +172,6 @@ class Built:
     first_call_s: float = 0.0  # building + the first unit (compilation, graph capture)
 
 
-class _Skip(Exception):
-    pass
-
-
 def _amp(device: str, dtype: torch.dtype):
     return (lambda: torch.autocast(device, dtype=dtype)) if dtype != torch.float32 else nullcontext
 
@@ -190,7 +186,7 @@ def _gaussian_diffusion():
         from fastdiff.diffusion import GaussianDiffusion
         return GaussianDiffusion
     except Exception as e:
-        raise _Skip(f"skipped: fastdiff.diffusion.GaussianDiffusion is not importable "
+        raise timing.Skip(f"skipped: fastdiff.diffusion.GaussianDiffusion is not importable "
                     f"({type(e).__name__}: {str(e)[:120]})")
 
 
@@ -199,7 +195,7 @@ def _diffusers():
         import diffusers
         return diffusers
     except Exception as e:
-        raise _Skip(f"skipped: diffusers is not importable ({type(e).__name__}: {str(e)[:120]})")
+        raise timing.Skip(f"skipped: diffusers is not importable ({type(e).__name__}: {str(e)[:120]})")
 
 
 @dataclass
@@ -319,7 +315,7 @@ def _graphed(fn: Callable[[], object]) -> Callable[[], object]:
 def _build_sample(case: Case, impl: str) -> Built:
     dev, amp, n = case.device, _amp(case.device, case.dtype), case.batch
     if impl == "fastdiff-graph" and dev != "cuda":
-        raise _Skip("skipped: CUDA graphs need a GPU")
+        raise timing.Skip("skipped: CUDA graphs need a GPU")
     model, params, note = _models(case, impl)
     model.eval()
     if impl.startswith("fastdiff"):
@@ -469,13 +465,6 @@ def _profile(built: Built, device: str, path: str, units: int) -> list:
     return [[e.key, getattr(e, key) / 1e3 / units, 100.0 * getattr(e, key) / total] for e in evs[:12]]
 
 
-def _free(device: str) -> None:
-    import gc
-
-    gc.collect()
-    timing.free(device)
-
-
 def run(suite: str = "train", device: str = "auto", *, preset: Optional[str] = None, batch: Optional[int] = None,
         dtypes: Sequence = ("fp32",), layouts: Sequence[str] = ("NCHW",), methods: Sequence[str] = METHODS,
         ddpm_steps: Optional[int] = None, ddim_steps: Optional[int] = None, impls: Optional[Sequence[str]] = None,
@@ -572,11 +561,11 @@ def run(suite: str = "train", device: str = "auto", *, preset: Optional[str] = N
             t0 = time.perf_counter()
             try:
                 b = build(case, impl)
-            except _Skip as e:
+            except timing.Skip as e:
                 return str(e)
             except Exception as e:
                 msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-                _free(device)
+                timing.free(device)
                 return f"failed: {type(e).__name__}: {msg}"
             finally:
                 if "compile" in impl:
@@ -632,11 +621,11 @@ def run(suite: str = "train", device: str = "auto", *, preset: Optional[str] = N
                 except Exception as e:
                     case_rows[impl]["note"] = f"failed: {type(e).__name__}: {str(e)[:200]}"
                     del b
-                    _free(device)
+                    timing.free(device)
                     continue
                 measure(impl, b, st)
                 del b
-                _free(device)
+                timing.free(device)
         else:
             # CPU: all configurations built, then timed interleaved
             for impl in impls:
@@ -684,7 +673,7 @@ def run(suite: str = "train", device: str = "auto", *, preset: Optional[str] = N
                     continue
                 measure(k, built[k], st, model_res.get(k))
             built.clear()
-            _free(device)
+            timing.free(device)
         rows += [case_rows[impl] for impl in impls]
     return add_speedups(rows)
 
