@@ -378,6 +378,8 @@ set_backend = _backend.set_backend
 available_backends = _backend.available_backends
 
 from .blocks import attention, fused_attention_supported, group_norm_act  # noqa: E402
+from .multistep import multistep_step, multistep_threshold  # noqa: E402
 
 __all__ = ["q_sample", "get_velocity", "diffusion_loss", "ddpm_step", "ddim_step", "draw_key", "set_backend",
-           "available_backends", "group_norm_act", "attention", "fused_attention_supported"]
+           "available_backends", "group_norm_act", "attention", "fused_attention_supported", "multistep_step",
+           "multistep_threshold"]
