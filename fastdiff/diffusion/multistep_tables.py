@@ -118,6 +118,17 @@ def _row() -> np.ndarray:
 
 
 # ------------------------------------------------------ DPM-Solver++ --------
+def _quiet(fn):
+    """Evaluate in numpy float semantics: a division by zero gives inf/NaN (as
+    in diffusers' tensors), which the scheduler then reports, not an exception."""
+    def wrapped(*args, **kwargs):
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            return fn(*args, **kwargs)
+    wrapped.__doc__, wrapped.__name__ = fn.__doc__, fn.__name__
+    return wrapped
+
+
+@_quiet
 def dpmsolver_levels(sigmas: np.ndarray, *, solver_order: int, solver_type: str, algorithm_type: str,
                      prediction_type: str, lower_order_final: bool, euler_at_final: bool,
                      final_sigmas_type: str, flow: bool) -> np.ndarray:
@@ -153,20 +164,20 @@ def dpmsolver_levels(sigmas: np.ndarray, *, solver_order: int, solver_type: str,
             r[C["push"]] = 1.0
             a_t, s_t = (float(v) for v in vp_alpha_sigma(sigmas[i + 1], flow))
             a_0, s_0 = (float(v) for v in vp_alpha_sigma(sigmas[i], flow))
-            h = float(lam[i + 1] - lam[i])
+            h = np.float64(lam[i + 1] - lam[i])
             # D-vectors over (x0, H1, H2)
             D0 = np.array([1.0, 0.0, 0.0])
             D1 = D2 = np.zeros(3)
             if p >= 2:
-                r0 = float(lam[i] - lam[i - 1]) / h
+                r0 = np.float64(lam[i] - lam[i - 1]) / h
                 d10 = (np.array([1.0, -1.0, 0.0])) / r0
                 D1 = d10
                 if p == 3:
-                    r1 = float(lam[i - 1] - lam[i - 2]) / h
+                    r1 = np.float64(lam[i - 1] - lam[i - 2]) / h
                     d11 = np.array([0.0, 1.0, -1.0]) / r1
                     D1 = d10 + (r0 / (r0 + r1)) * (d10 - d11)
                     D2 = (d10 - d11) / (r0 + r1)
-            em = math.expm1(-h) if math.isfinite(h) else -1.0        # e^{-h} - 1
+            em = np.expm1(-h)                                # e^{-h} - 1
             if not sde:
                 r[C["a_x"]] = s_t / s_0
                 c0 = -a_t * em
@@ -176,15 +187,15 @@ def dpmsolver_levels(sigmas: np.ndarray, *, solver_order: int, solver_type: str,
                     c1 = a_t * (em / h + 1.0)
                 c2 = -a_t * ((em + h) / h ** 2 - 0.5) if p == 3 else 0.0
             else:
-                em2 = -math.expm1(-2 * h) if math.isfinite(h) else 1.0  # 1 - e^{-2h}
-                r[C["a_x"]] = s_t / s_0 * math.exp(-h)
+                em2 = -np.expm1(-2 * h)                      # 1 - e^{-2h}
+                r[C["a_x"]] = s_t / s_0 * np.exp(-h)
                 c0 = a_t * em2
                 if p == 2 and solver_type == "midpoint":
                     c1 = 0.5 * a_t * em2
                 else:
                     c1 = a_t * (em2 / (-2.0 * h) + 1.0)
                 c2 = a_t * ((em2 - 2.0 * h) / (2.0 * h) ** 2 - 0.5) if p == 3 else 0.0
-                r[C["a_z"]] = s_t * math.sqrt(em2)
+                r[C["a_z"]] = s_t * np.sqrt(em2)
             coef = c0 * D0 + (c1 * D1 if p >= 2 else 0.0) + (c2 * D2 if p == 3 else 0.0)
             r[C["a_x0"]] = coef[0]
             r[C["a_h1"]], r[C["a_h2"]] = coef[1], coef[2]
@@ -195,8 +206,8 @@ def dpmsolver_levels(sigmas: np.ndarray, *, solver_order: int, solver_type: str,
 # ------------------------------------------------------------- UniPC --------
 def _unipc_b(hh: float, order: int, solver_type: str):
     """UniPC's b vector (length order) and B(h)."""
-    h_phi_1 = math.expm1(hh)
-    B_h = hh if solver_type == "bh1" else math.expm1(hh)
+    h_phi_1 = np.expm1(hh)
+    B_h = hh if solver_type == "bh1" else np.expm1(hh)
     b = []
     h_phi_k = h_phi_1 / hh - 1.0
     fact = 1
@@ -207,6 +218,14 @@ def _unipc_b(hh: float, order: int, solver_type: str):
     return np.array(b), B_h, h_phi_1
 
 
+def _solve(R, b):
+    """R^-1 b, NaN where R is singular or not finite (reported by the scheduler)."""
+    try:
+        return np.linalg.solve(R, b)
+    except np.linalg.LinAlgError:
+        return np.full(b.shape, np.nan)
+
+
 def _unipc_update(lam: np.ndarray, sigmas: np.ndarray, src: int, dst: int, order: int, solver_type: str,
                   flow: bool, corrector: bool):
     """Coefficients of one UniP (predictor) or UniC (corrector) update from
@@ -215,7 +234,7 @@ def _unipc_update(lam: np.ndarray, sigmas: np.ndarray, src: int, dst: int, order
     at dst (corrector only)."""
     a_t, s_t = (float(v) for v in vp_alpha_sigma(sigmas[dst], flow))
     a_0, s_0 = (float(v) for v in vp_alpha_sigma(sigmas[src], flow))
-    h = float(lam[dst] - lam[src])
+    h = np.float64(lam[dst] - lam[src])
     out = np.zeros(5)
     out[0] = s_t / s_0
     if not math.isfinite(h):  # to sigma = 0: x_t = x0 exactly (only the first-order step gets here)
@@ -224,18 +243,18 @@ def _unipc_update(lam: np.ndarray, sigmas: np.ndarray, src: int, dst: int, order
             out[:] = np.nan
         return out
     hh = -h
-    h_phi_1 = math.expm1(hh)
-    B_h = hh if solver_type == "bh1" else math.expm1(hh)
+    h_phi_1 = np.expm1(hh)
+    B_h = hh if solver_type == "bh1" else np.expm1(hh)
     out[1] = -a_t * h_phi_1
     n_d = order - 1 if not corrector else order - 1
-    rks = [float(lam[src - k] - lam[src]) / h for k in range(1, n_d + 1)]
+    rks = [np.float64(lam[src - k] - lam[src]) / h for k in range(1, n_d + 1)]
     if corrector:
         if order == 1:
             rhos = np.array([0.5])
         else:
             b, _, _ = _unipc_b(hh, order, solver_type)
             R = np.stack([np.array(rks + [1.0]) ** (k - 1) for k in range(1, order + 1)])
-            rhos = np.linalg.solve(R, b)
+            rhos = _solve(R, b)
         # D1s_k = (m_k - m0) / rk ; D1_t = m_t - m0
         for k, rk in enumerate(rks, start=1):
             out[1 + k] += -a_t * B_h * rhos[k - 1] / rk
@@ -248,13 +267,14 @@ def _unipc_update(lam: np.ndarray, sigmas: np.ndarray, src: int, dst: int, order
         else:
             b, _, _ = _unipc_b(hh, order, solver_type)
             R = np.stack([np.array(rks + [1.0]) ** (k - 1) for k in range(1, order + 1)])
-            rhos = np.linalg.solve(R[:-1, :-1], b[:-1])
+            rhos = _solve(R[:-1, :-1], b[:-1])
         for k, rk in enumerate(rks, start=1):
             out[1 + k] += -a_t * B_h * rhos[k - 1] / rk
             out[1] -= -a_t * B_h * rhos[k - 1] / rk
     return out
 
 
+@_quiet
 def unipc_levels(sigmas: np.ndarray, *, solver_order: int, solver_type: str, prediction_type: str,
                  lower_order_final: bool, disable_corrector: Sequence[int], flow: bool) -> np.ndarray:
     """UniPC (Zhao et al. 2023, data prediction, B(h) = h or e^h - 1) rows:
