@@ -93,11 +93,16 @@ CASES = [
     ("dpm", dict(timestep_spacing="trailing", beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)),
     ("dpm", dict(timestep_spacing="leading", steps_offset=1, rescale_betas_zero_snr=True,
                  prediction_type="v_prediction")),
+    ("dpm", dict(algorithm_type="dpmsolver", final_sigmas_type="sigma_min", solver_order=3)),
+    ("dpm", dict(algorithm_type="dpmsolver", final_sigmas_type="sigma_min", solver_type="heun",
+                 prediction_type="v_prediction")),
+    ("dpm", dict(algorithm_type="dpmsolver", final_sigmas_type="sigma_min", prediction_type="sample")),
     ("unipc", {}), ("unipc", dict(solver_order=3)), ("unipc", dict(solver_type="bh1", final_sigmas_type="sigma_min")),
     ("unipc", dict(solver_order=1)), ("unipc", dict(solver_order=3, prediction_type="v_prediction")),
     ("unipc", dict(use_karras_sigmas=True)), ("unipc", dict(use_exponential_sigmas=True)),
     ("unipc", dict(final_sigmas_type="sigma_min", lower_order_final=False, solver_order=3, solver_type="bh1")),
     ("unipc", dict(disable_corrector=[0, 2])), ("unipc", dict(thresholding=True, sample_max_value=1.5)),
+    ("unipc", dict(thresholding=True, dynamic_thresholding_ratio=0.87, sample_max_value=0.5)),  # clamp max < 1
     ("unipc", dict(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0)),
     ("euler", {}), ("euler", dict(prediction_type="v_prediction")), ("euler", dict(use_karras_sigmas=True)),
     ("euler", dict(timestep_spacing="leading", steps_offset=1)), ("euler", dict(interpolation_type="log_linear")),
@@ -170,6 +175,8 @@ def test_50_steps_and_table_evaluation(kind, cfg):
 @pytest.mark.parametrize("kind,cfg,seed_kw", [
     ("dpm", dict(algorithm_type="sde-dpmsolver++"), {}),
     ("dpm", dict(algorithm_type="sde-dpmsolver++", solver_order=3, solver_type="heun"), {}),
+    ("dpm", dict(algorithm_type="sde-dpmsolver", final_sigmas_type="sigma_min"), {}),
+    ("dpm", dict(algorithm_type="sde-dpmsolver", final_sigmas_type="sigma_min", solver_type="heun"), {}),
     ("euler_a", {}, {}), ("euler_a", dict(prediction_type="v_prediction"), {}),
     ("flow", dict(stochastic_sampling=True), {}),
     ("euler", {}, dict(s_churn=1.0)),
@@ -208,15 +215,29 @@ def test_unipc_bh1_final_zero_is_finite_where_diffusers_is_nan():
     assert float((ours - ours2).abs().max()) < 0.5 * scale(ours)
 
 
-def test_divergent_option_raises_instead_of_nan():
+def test_degenerate_steps_take_their_limits():
+    """Steps diffusers evaluates as 0/0 or inf*0: a higher-order step into
+    sigma = 0 (UniPC, lower_order_final=False) is first order, a repeated
+    timestep is the identity and the next step lowers its order; all finite."""
+    x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    ref = run(UniPCMultistepScheduler(solver_order=2, lower_order_final=False), 10, x_T, torch.float64)
+    ours = run(FusedUniPCMultistepScheduler(solver_order=2, lower_order_final=False), 10, x_T, torch.float64)
+    assert not torch.isfinite(ref).all() and torch.isfinite(ours).all()
     s = FusedUniPCMultistepScheduler(solver_order=2, lower_order_final=False)
-    with pytest.raises(ValueError, match="non-finite"):
-        s.set_timesteps(10)
+    s.set_timesteps(10)
+    assert s._coeffs[-1, tb.C["a_h1"]] == 0 and s._coeffs[-1, tb.C["a_x0"]] == 1.0  # x_end = x0
+    for S in (FusedDPMSolverMultistepScheduler, FusedUniPCMultistepScheduler):
+        s = S(num_train_timesteps=25, solver_order=3)
+        s.set_timesteps(25)  # linspace(0, 24, 26).round() repeats a timestep
+        assert len(set(s.timesteps.tolist())) < 25 and torch.isfinite(s._coeffs).all()
+        assert torch.isfinite(run(S(num_train_timesteps=25, solver_order=3), 25, x_T, torch.float64)).all()
 
 
 def test_unsupported_variants_raise():
-    with pytest.raises(NotImplementedError, match="dpmsolver"):
-        FusedDPMSolverMultistepScheduler(algorithm_type="dpmsolver", final_sigmas_type="sigma_min")
+    with pytest.raises(NotImplementedError, match="thresholding"):
+        FusedDPMSolverMultistepScheduler(algorithm_type="dpmsolver", final_sigmas_type="sigma_min", thresholding=True)
+    with pytest.raises(ValueError, match="sigma_min"):
+        FusedDPMSolverMultistepScheduler(algorithm_type="dpmsolver")
     with pytest.raises(NotImplementedError, match="predict_x0"):
         FusedUniPCMultistepScheduler(predict_x0=False)
     s = FusedFlowMatchEulerDiscreteScheduler()
@@ -265,6 +286,19 @@ def test_second_run_after_set_timesteps_restarts_cleanly_with_fixed_buffers():
     assert torch.equal(a, b)
     assert (f._history.data_ptr(), f._last.data_ptr(), f._coeffs.data_ptr(), f._counter.data_ptr()) == \
         (hist, last, coeffs, counter)
+
+
+def test_euler_before_set_timesteps_runs_the_training_chain():
+    x = torch.randn(SHAPE, dtype=torch.float64)
+    for D, F in (PAIRS["euler"], PAIRS["euler_a"]):
+        d, f = D(), F()
+        assert f.num_inference_steps is None and torch.is_tensor(f.init_noise_sigma)
+        assert abs(float(d.init_noise_sigma) - float(f.init_noise_sigma)) < 1e-3
+        t = d.timesteps[0]
+        g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+        a = d.step(toy_model(d.scale_model_input(x, t), t), t, x, generator=g1).prev_sample
+        b = f.step(toy_model(f.scale_model_input(x, t), t), t, x, generator=g2).prev_sample
+        assert float((a - b).abs().max()) < 1e-4 * scale(a)
 
 
 def test_config_round_trip_with_diffusers(tmp_path):
@@ -575,7 +609,7 @@ def test_bad_input_is_named():
     with pytest.raises(ValueError, match="final_sigmas_type"):
         FusedEulerDiscreteScheduler(final_sigmas_type="one")
     with pytest.raises(ValueError, match="dynamic_thresholding_ratio"):
-        FusedDPMSolverMultistepScheduler(thresholding=True, dynamic_thresholding_ratio=0.0)
+        FusedDPMSolverMultistepScheduler(thresholding=True, dynamic_thresholding_ratio=1.5)
     e = FusedEulerDiscreteScheduler()
     e.set_timesteps(4)
     with pytest.raises(ValueError, match="integer"):

@@ -86,7 +86,7 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, Sch
 from diffusers.utils.torch_utils import randn_tensor
 
 from .. import ops
-from ..ops.multistep import multistep_step, multistep_threshold
+from ..ops.multistep import multistep_step
 from . import multistep_tables as tb
 from .schedulers import _build_schedule
 
@@ -163,8 +163,8 @@ class _FusedMultistep(SchedulerMixin, ConfigMixin):
     def _install(self, levels: np.ndarray, device, what: str) -> None:
         """Put a freshly built (L, n, 16) table on ``device`` and reset the run."""
         if not np.all(np.isfinite(levels)):
-            raise ValueError(f"{what}: this configuration gives non-finite step coefficients (the update divides "
-                             f"by zero); use lower_order_final=True or final_sigmas_type='sigma_min'")
+            raise ValueError(f"{what}: this configuration gives non-finite step coefficients; check the sigma "
+                             f"options and num_train_timesteps")
         dev = torch.device(device) if device is not None else torch.device("cpu")
         self._K = tb.history_depth(levels)
         self._keeps_last = bool(np.any(levels[..., tb.C["u_on"]] != 0))
@@ -284,7 +284,7 @@ class _FusedMultistep(SchedulerMixin, ConfigMixin):
         self._started = True
 
     def _ready(self, timestep, sample: torch.Tensor) -> None:
-        if self.num_inference_steps is None:
+        if self._coeffs is None:
             raise ValueError("num_inference_steps is None: call set_timesteps() before step()")
         if not isinstance(sample, torch.Tensor) or sample.dim() < 1:
             raise TypeError("sample must be a torch.Tensor of shape (N, ...)")
@@ -331,19 +331,27 @@ class _FusedMultistep(SchedulerMixin, ConfigMixin):
         if mo.dtype != sample.dtype:
             mo = mo.to(sample.dtype)
         self._ensure_buffers(sample)
-        thresh = None
-        if thresholding:
-            cfg = self.config
-            thresh = multistep_threshold(mo, sample, self._coeffs, self._counter, cfg.dynamic_thresholding_ratio,
-                                         max(1.0, float(cfg.sample_max_value)))
+        thresh = self._threshold(mo, sample) if thresholding else None
         prev, x0 = multistep_step(mo, sample, self._history, self._last, self._coeffs, self._counter, noise=noise,
                                   key=key, thresh=thresh, return_x0=want_x0)
         return prev, x0
 
+    def _threshold(self, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        """Imagen's dynamic-thresholding bound per sample, as diffusers'
+        ``_threshold_sample``: s = clamp(quantile(|x0|, ratio), min=1,
+        max=sample_max_value) (torch's clamp: max wins when it is below 1),
+        with x0 of the current row; device ops only (an extra pass)."""
+        cfg = self.config
+        acc = torch.float64 if sample.dtype == torch.float64 else torch.float32
+        row = self._coeffs.index_select(0, self._counter.reshape(1).clamp(0, self._coeffs.shape[0] - 1))[0]
+        x0 = row[tb.C["c_x"]].to(acc) * sample.to(acc) + row[tb.C["c_m"]].to(acc) * model_output.to(acc)
+        q = torch.quantile(x0.reshape(x0.shape[0], -1).abs(), float(cfg.dynamic_thresholding_ratio), dim=1)
+        return q.clamp(min=1.0, max=float(cfg.sample_max_value)).float().contiguous()
+
     def _check_thresholding(self, cfg) -> None:
         if cfg.thresholding:
-            if not 0 < cfg.dynamic_thresholding_ratio <= 1:
-                raise ValueError(f"dynamic_thresholding_ratio must be in (0, 1], got "
+            if not 0 <= cfg.dynamic_thresholding_ratio <= 1:
+                raise ValueError(f"dynamic_thresholding_ratio must be in [0, 1], got "
                                  f"{cfg.dynamic_thresholding_ratio}")
             if not cfg.sample_max_value > 0:
                 raise ValueError(f"sample_max_value must be > 0, got {cfg.sample_max_value}")
@@ -447,12 +455,19 @@ class FusedDPMSolverMultistepScheduler(_FusedVP):
                  use_dynamic_shifting: bool = False, time_shift_type: str = "exponential"):
         if algorithm_type == "deis":
             self.register_to_config(algorithm_type="dpmsolver++")
-        elif algorithm_type in ("dpmsolver", "sde-dpmsolver"):
-            raise NotImplementedError(f"algorithm_type={algorithm_type!r} (noise-prediction DPM-Solver, deprecated "
-                                      f"in diffusers) is not supported by the fused scheduler; use 'dpmsolver++' "
-                                      f"or 'sde-dpmsolver++'")
-        elif algorithm_type not in ("dpmsolver++", "sde-dpmsolver++"):
+        elif algorithm_type not in ("dpmsolver++", "sde-dpmsolver++", "dpmsolver", "sde-dpmsolver"):
             raise NotImplementedError(f"{algorithm_type} is not implemented for {self.__class__}")
+        if algorithm_type in ("dpmsolver", "sde-dpmsolver"):
+            if final_sigmas_type == "zero":
+                raise ValueError(f"final_sigmas_type={final_sigmas_type!r} is not supported for algorithm_type "
+                                 f"{algorithm_type!r}. Please choose 'sigma_min' instead.")
+            if thresholding:
+                raise NotImplementedError(f"thresholding with algorithm_type={algorithm_type!r} (noise-prediction "
+                                          f"DPM-Solver, deprecated in diffusers) is not supported by the fused "
+                                          f"scheduler; use 'dpmsolver++'")
+            if prediction_type == "flow_prediction":
+                raise ValueError("prediction_type='flow_prediction' needs algorithm_type 'dpmsolver++' or "
+                                 "'sde-dpmsolver++'")
         if solver_type in ("logrho", "bh1", "bh2"):
             self.register_to_config(solver_type="midpoint")
         elif solver_type not in ("midpoint", "heun"):
@@ -547,7 +562,7 @@ class FusedDPMSolverMultistepScheduler(_FusedVP):
         Returns: ``SchedulerOutput(prev_sample)`` or ``(prev_sample,)``.
         """
         self._ready(timestep, sample)
-        sde = self.config.algorithm_type == "sde-dpmsolver++"
+        sde = self.config.algorithm_type in ("sde-dpmsolver++", "sde-dpmsolver")
         noise, k = self._draw(sample.shape, generator, sample.device, torch.float32,
                               variance_noise if sde else None, key if sde else None, sample.dtype, needed=sde)
         prev, _ = self._fused(model_output, sample, noise=noise, key=k, thresholding=bool(self.config.thresholding))
@@ -727,13 +742,20 @@ class _FusedVE(_FusedMultistep):
         self._scales = None
         self.is_scale_input_called = False
 
+    def _default_chain(self) -> None:
+        """Before set_timesteps diffusers' Euler schedulers run the full
+        training chain; so do these (num_inference_steps stays None)."""
+        self._finish_ve(self._sigmas64, self.timesteps.numpy(), None)
+        self.num_inference_steps = None
+
     @property
-    def init_noise_sigma(self) -> float:
-        """The std of the initial noise: max sigma (linspace/trailing) or sqrt(max^2 + 1)."""
+    def init_noise_sigma(self) -> torch.Tensor:
+        """The std of the initial noise: max sigma (linspace/trailing) or
+        sqrt(max^2 + 1), a float32 0-d tensor as in diffusers."""
         m = float(np.max(self._sigmas64))
-        if self.config.timestep_spacing in ("linspace", "trailing"):
-            return m
-        return (m * m + 1) ** 0.5
+        if self.config.timestep_spacing not in ("linspace", "trailing"):
+            m = (m * m + 1) ** 0.5
+        return torch.tensor(m, dtype=torch.float32)
 
     def _float_timesteps(self, n: int) -> np.ndarray:
         cfg = self.config
@@ -811,6 +833,7 @@ class FusedEulerDiscreteScheduler(_FusedVE):
         self.use_exponential_sigmas = use_exponential_sigmas
         self.use_beta_sigmas = use_beta_sigmas
         self._churn_key = None
+        self._default_chain()
 
     def set_timesteps(self, num_inference_steps: Optional[int] = None, device: Union[str, torch.device] = None,
                       timesteps: Optional[Sequence[float]] = None, sigmas: Optional[Sequence[float]] = None
@@ -941,6 +964,7 @@ class FusedEulerAncestralDiscreteScheduler(_FusedVE):
         _check_choice(prediction_type, ("epsilon", "v_prediction", "sample"), "prediction_type")
         self._init_state()
         self._setup_ve(self.config)
+        self._default_chain()
 
     def set_timesteps(self, num_inference_steps: int, device: Union[str, torch.device] = None) -> None:
         """Lay out the chain and build the table (on ``device``)."""

@@ -113,6 +113,20 @@ def convert_coefs(prediction_type: str, s: float, flow: bool) -> tuple:
                      f"{prediction_type!r}")
 
 
+def eps_coefs(prediction_type: str, s: float, flow: bool) -> tuple:
+    """(c_x, c_m) with eps = c_x*sample + c_m*model_output (noise-prediction
+    DPM-Solver keeps eps where DPM-Solver++ keeps x0)."""
+    a, sg = (float(v) for v in vp_alpha_sigma(s, flow))
+    if prediction_type == "epsilon":
+        return 0.0, 1.0
+    if prediction_type == "sample":
+        return 1.0 / sg, -a / sg
+    if prediction_type == "v_prediction":
+        return sg, a
+    raise ValueError(f"prediction_type must be one of epsilon, sample, v_prediction for the noise-prediction "
+                     f"DPM-Solver, got {prediction_type!r}")
+
+
 def _row() -> np.ndarray:
     return np.zeros(NCOEF, dtype=np.float64)
 
@@ -128,22 +142,56 @@ def _quiet(fn):
     return wrapped
 
 
+def usable_order(lam: np.ndarray, src: int, dst: int, order: int) -> int:
+    """The order a multistep update from sigma index ``src`` to ``dst`` can
+    have: 0 for a step of zero length (the identity), 1 for a step into or out
+    of an infinite log-SNR (sigma = 0, or alpha = 0), else the largest q <=
+    order whose points lam[src], lam[src - 1], ..., lam[src - q + 1] are finite
+    and pairwise distinct (a repeated timestep makes the finite differences
+    0/0). diffusers evaluates such steps as written and gets NaN or divides
+    by zero; in exact arithmetic their limits are these lower-order steps."""
+    h = lam[dst] - lam[src]
+    if h == 0:
+        return 0
+    if not np.isfinite(h):
+        return 1
+    pts = [lam[src]]
+    q = 1
+    while q < order and src - q >= 0:
+        v = lam[src - q]
+        if not np.isfinite(v) or any(v == u for u in pts):
+            break
+        pts.append(v)
+        q += 1
+    return q
+
+
+def _identity_row(r: np.ndarray) -> None:
+    r[C["a_x"]] = 1.0
+    for name in ("a_m", "a_x0", "a_h1", "a_h2", "a_h3", "a_z"):
+        r[C[name]] = 0.0
+
+
 @_quiet
 def dpmsolver_levels(sigmas: np.ndarray, *, solver_order: int, solver_type: str, algorithm_type: str,
                      prediction_type: str, lower_order_final: bool, euler_at_final: bool,
                      final_sigmas_type: str, flow: bool) -> np.ndarray:
-    """DPM-Solver++ multistep (Lu et al. 2022, data prediction) rows.
+    """DPM-Solver multistep rows (Lu et al. 2022).
 
     Args:
         sigmas: (n + 1,) float64, the n step sigmas then the final one.
         solver_order: 1, 2 or 3. solver_type: "midpoint" or "heun" (order 2).
-        algorithm_type: "dpmsolver++" (ODE) or "sde-dpmsolver++" (a_z noise).
+        algorithm_type: "dpmsolver++" (data prediction, ODE), "sde-dpmsolver++"
+            (a_z noise), or the noise-prediction "dpmsolver" / "sde-dpmsolver"
+            (then c_x, c_m convert the model output to eps, and the history
+            holds eps: these rows must be run without thresholding/clipping).
         the others: diffusers' options of the same names.
 
     Returns: (solver_order, n, 16) levels (see the module docstring).
     """
     n = sigmas.shape[0] - 1
-    sde = algorithm_type == "sde-dpmsolver++"
+    sde = algorithm_type.startswith("sde-")
+    plus = algorithm_type.endswith("++")
     lam = log_snr(sigmas, flow)
     L = solver_order
     out = np.zeros((L, n, NCOEF))
@@ -160,12 +208,20 @@ def dpmsolver_levels(sigmas: np.ndarray, *, solver_order: int, solver_type: str,
             else:
                 p = 3
             r = _row()
-            r[C["c_x"]], r[C["c_m"]] = convert_coefs(prediction_type, sigmas[i], flow)
+            if plus:
+                r[C["c_x"]], r[C["c_m"]] = convert_coefs(prediction_type, sigmas[i], flow)
+            else:
+                r[C["c_x"]], r[C["c_m"]] = eps_coefs(prediction_type, sigmas[i], flow)
             r[C["push"]] = 1.0
+            p = min(p, usable_order(lam, i, i + 1, p))
             a_t, s_t = (float(v) for v in vp_alpha_sigma(sigmas[i + 1], flow))
             a_0, s_0 = (float(v) for v in vp_alpha_sigma(sigmas[i], flow))
+            if p == 0:
+                _identity_row(r)
+                out[w, i] = r
+                continue
             h = np.float64(lam[i + 1] - lam[i])
-            # D-vectors over (x0, H1, H2)
+            # D-vectors over (m0, H1, H2): finite differences of the history
             D0 = np.array([1.0, 0.0, 0.0])
             D1 = D2 = np.zeros(3)
             if p >= 2:
@@ -177,25 +233,35 @@ def dpmsolver_levels(sigmas: np.ndarray, *, solver_order: int, solver_type: str,
                     d11 = np.array([0.0, 1.0, -1.0]) / r1
                     D1 = d10 + (r0 / (r0 + r1)) * (d10 - d11)
                     D2 = (d10 - d11) / (r0 + r1)
-            em = np.expm1(-h)                                # e^{-h} - 1
-            if not sde:
-                r[C["a_x"]] = s_t / s_0
-                c0 = -a_t * em
-                if p == 2 and solver_type == "midpoint":
-                    c1 = -0.5 * a_t * em
+            if plus:
+                em = np.expm1(-h)                                # e^{-h} - 1
+                if not sde:
+                    r[C["a_x"]] = s_t / s_0
+                    c0 = -a_t * em
+                    c1 = -0.5 * a_t * em if (p == 2 and solver_type == "midpoint") else a_t * (em / h + 1.0)
+                    c2 = -a_t * ((em + h) / h ** 2 - 0.5) if p == 3 else 0.0
                 else:
-                    c1 = a_t * (em / h + 1.0)
-                c2 = -a_t * ((em + h) / h ** 2 - 0.5) if p == 3 else 0.0
+                    em2 = -np.expm1(-2 * h)                      # 1 - e^{-2h}
+                    r[C["a_x"]] = s_t / s_0 * np.exp(-h)
+                    c0 = a_t * em2
+                    c1 = 0.5 * a_t * em2 if (p == 2 and solver_type == "midpoint") else \
+                        a_t * (em2 / (-2.0 * h) + 1.0)
+                    c2 = a_t * ((em2 - 2.0 * h) / (2.0 * h) ** 2 - 0.5) if p == 3 else 0.0
+                    r[C["a_z"]] = s_t * np.sqrt(em2)
             else:
-                em2 = -np.expm1(-2 * h)                      # 1 - e^{-2h}
-                r[C["a_x"]] = s_t / s_0 * np.exp(-h)
-                c0 = a_t * em2
-                if p == 2 and solver_type == "midpoint":
-                    c1 = 0.5 * a_t * em2
+                ep = np.expm1(h)                                 # e^{h} - 1
+                r[C["a_x"]] = a_t / a_0
+                if not sde:
+                    c0 = -s_t * ep
+                    c1 = -0.5 * s_t * ep if (p == 2 and solver_type == "midpoint") else -s_t * (ep / h - 1.0)
+                    c2 = -s_t * ((ep - h) / h ** 2 - 0.5) if p == 3 else 0.0
                 else:
-                    c1 = a_t * (em2 / (-2.0 * h) + 1.0)
-                c2 = a_t * ((em2 - 2.0 * h) / (2.0 * h) ** 2 - 0.5) if p == 3 else 0.0
-                r[C["a_z"]] = s_t * np.sqrt(em2)
+                    if p == 3:
+                        raise ValueError("algorithm_type='sde-dpmsolver' has no third-order update")
+                    c0 = -2.0 * s_t * ep
+                    c1 = -s_t * ep if solver_type == "midpoint" else -2.0 * s_t * (ep / h - 1.0)
+                    c2 = 0.0
+                    r[C["a_z"]] = s_t * np.sqrt(np.expm1(2 * h))
             coef = c0 * D0 + (c1 * D1 if p >= 2 else 0.0) + (c2 * D2 if p == 3 else 0.0)
             r[C["a_x0"]] = coef[0]
             r[C["a_h1"]], r[C["a_h2"]] = coef[1], coef[2]
@@ -298,15 +364,21 @@ def unipc_levels(sigmas: np.ndarray, *, solver_order: int, solver_type: str, pre
             r = _row()
             r[C["c_x"]], r[C["c_m"]] = convert_coefs(prediction_type, sigmas[i], flow)
             r[C["push"]] = 1.0
-            if w >= 1 and i > 0 and (i - 1) not in disabled:
-                pc = this_order(w - 1, i - 1)
+            pc = this_order(w - 1, i - 1) if w >= 1 and i > 0 else 0
+            # the corrector fits a polynomial through lam[i - 1], ..., lam[i - pc] and lam[i]
+            pc = min(pc, usable_order(lam, i - 1, i, pc)) if pc else 0
+            if pc and (i - 1) not in disabled and np.isfinite(lam[i]):
                 cu = _unipc_update(lam, sigmas, i - 1, i, pc, solver_type, flow, corrector=True)
                 r[C["u_on"]] = 1.0
                 r[C["u_last"]] = cu[0]
                 r[C["u_h1"]] = cu[1]          # m0 of the corrector = x0 of step i - 1
                 r[C["u_h2"]], r[C["u_h3"]] = cu[2], cu[3]
                 r[C["u_x0"]] = cu[4]
-            p = this_order(w, i)
+            p = min(this_order(w, i), usable_order(lam, i, i + 1, this_order(w, i)))
+            if p == 0:
+                _identity_row(r)
+                out[w0, i] = r
+                continue
             pu = _unipc_update(lam, sigmas, i, i + 1, p, solver_type, flow, corrector=False)
             r[C["a_x"]] = pu[0]
             r[C["a_x0"]] = pu[1]
