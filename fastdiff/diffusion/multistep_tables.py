@@ -424,7 +424,9 @@ def euler_ancestral_rows(sigmas: np.ndarray, prediction_type: str) -> np.ndarray
     out = np.zeros((1, n, NCOEF))
     for i in range(n):
         s, s_to = float(sigmas[i]), float(sigmas[i + 1])
-        up = math.sqrt(s_to ** 2 * (s ** 2 - s_to ** 2) / s ** 2)
+        # (clamped at 0: a step to a larger sigma, which a rescaled zero-terminal-SNR chain can have at its
+        # first step, adds no noise; diffusers takes the square root of a negative number there)
+        up = math.sqrt(max(s_to ** 2 * (s ** 2 - s_to ** 2) / s ** 2, 0.0))
         down = math.sqrt(max(s_to ** 2 - up ** 2, 0.0))
         if prediction_type == "epsilon":
             cx, cm = 1.0, -s
