@@ -43,7 +43,9 @@ __all__ += ["nn", "UNet", "patch", "unpatch"]
 
 from . import diffusion  # noqa: E402  (GaussianDiffusion and the diffusers-compatible schedulers, lazily)
 
-_LAZY = {"GaussianDiffusion", "FusedDDPMScheduler", "FusedDDIMScheduler"}
+_LAZY = {"GaussianDiffusion", "FusedDDPMScheduler", "FusedDDIMScheduler", "FusedDPMSolverMultistepScheduler",
+         "FusedUniPCMultistepScheduler", "FusedEulerDiscreteScheduler", "FusedEulerAncestralDiscreteScheduler",
+         "FusedFlowMatchEulerDiscreteScheduler"}
 __all__ += ["diffusion", *sorted(_LAZY)]
 
 
