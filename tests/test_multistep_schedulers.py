@@ -751,3 +751,21 @@ def test_cli_sample_rejects_bad_order(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["sample", "--checkpoint", "nowhere", "--method", "unipc", "--order", "4"])
     assert e.value.code == 2 and "--order" in capsys.readouterr().err
+
+
+def test_ddpm_ddim_get_variance_matches_diffusers():
+    """diffusers' private _get_variance, which its own tests and some pipelines call."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+    from fastdiff.diffusion.schedulers import FusedDDIMScheduler, FusedDDPMScheduler
+    for vt in ("fixed_small", "fixed_large", "fixed_small_log"):
+        d, f = DDPMScheduler(variance_type=vt), FusedDDPMScheduler(variance_type=vt)
+        for t in (0, 1, 487, 999):
+            assert abs(float(d._get_variance(t)) - float(f._get_variance(t))) < 1e-6 * max(1.0, float(d._get_variance(t)))
+    v = torch.tensor([-0.5, 0.5])
+    d, f = DDPMScheduler(variance_type="learned_range"), FusedDDPMScheduler(variance_type="learned_range")
+    assert torch.allclose(d._get_variance(500, v), f._get_variance(500, v).float(), rtol=1e-5)
+    d, f = DDIMScheduler(), FusedDDIMScheduler()
+    for t, tp in ((0, 0), (420, 400), (999, -1)):
+        assert abs(float(d._get_variance(t, tp)) - float(f._get_variance(t, tp))) < 1e-6
+    with pytest.raises(ValueError, match="out of range"):
+        f._get_variance(1000, 10)

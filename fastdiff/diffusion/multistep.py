@@ -283,12 +283,12 @@ class _FusedMultistep(SchedulerMixin, ConfigMixin):
         self._zero_buffers()
         self._started = True
 
-    def _ready(self, timestep, sample: torch.Tensor) -> None:
+    def _ready(self, timestep, sample: torch.Tensor, from_step: bool = True) -> None:
         if self._coeffs is None:
             raise ValueError("num_inference_steps is None: call set_timesteps() before step()")
         if not isinstance(sample, torch.Tensor) or sample.dim() < 1:
             raise TypeError("sample must be a torch.Tensor of shape (N, ...)")
-        if self._reject_integer_timestep and (isinstance(timestep, (int, np.integer)) and
+        if from_step and self._reject_integer_timestep and (isinstance(timestep, (int, np.integer)) and
                                               not isinstance(timestep, bool) or
                                               isinstance(timestep, torch.Tensor) and not
                                               (timestep.is_floating_point())):
@@ -787,7 +787,7 @@ class _FusedVE(_FusedMultistep):
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
         """sample / sqrt(sigma^2 + 1) at the current step (gathered on the
         device by the step counter: no sync)."""
-        self._ready(timestep, sample)
+        self._ready(timestep, sample, from_step=False)
         acc = torch.float64 if sample.dtype == torch.float64 else torch.float32
         scale = self._scales.index_select(0, self._counter.reshape(1).clamp(0, self._scales.shape[0] - 1))
         self.is_scale_input_called = True
