@@ -312,8 +312,7 @@ def _unipc_update(lam: np.ndarray, sigmas: np.ndarray, src: int, dst: int, order
     h_phi_1 = np.expm1(hh)
     B_h = hh if solver_type == "bh1" else np.expm1(hh)
     out[1] = -a_t * h_phi_1
-    n_d = order - 1 if not corrector else order - 1
-    rks = [np.float64(lam[src - k] - lam[src]) / h for k in range(1, n_d + 1)]
+    rks = [np.float64(lam[src - k] - lam[src]) / h for k in range(1, order)]  # the past points, in units of h
     if corrector:
         if order == 1:
             rhos = np.array([0.5])
