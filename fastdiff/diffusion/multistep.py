@@ -52,14 +52,23 @@ Where these schedulers differ from diffusers (0.42), on purpose
   drives the step. ``step_index`` reads that counter (a host sync, only when
   asked).
 * ``algorithm_type="dpmsolver"`` / ``"sde-dpmsolver"`` (noise-prediction
-  DPM-Solver, deprecated in diffusers) and UniPC's ``predict_x0=False`` and
-  ``solver_p`` raise ``NotImplementedError``: the fused step keeps data
-  predictions as its history.
+  DPM-Solver, deprecated in diffusers) keep eps in the history slot; with
+  thresholding they raise ``NotImplementedError`` (diffusers converts to x0,
+  thresholds and back, which is not one linear form). UniPC's
+  ``predict_x0=False`` and ``solver_p`` raise ``NotImplementedError``.
 * A learned-variance model output (2C channels) is cut to the sample's C
   channels (diffusers cuts to 3 channels whatever C is).
-* Options that make diffusers' step divide by zero (UniPC of order > 1 into a
-  final sigma of 0 with ``lower_order_final=False``) raise ``ValueError`` at
-  ``set_timesteps`` instead of producing NaN.
+* Degenerate steps take their exact limits where diffusers divides by zero
+  or multiplies inf by 0 (NaN): a step into sigma = 0 is first order (UniPC
+  bh1 at the default ``final_sigmas_type="zero"``, and UniPC order > 1 with
+  ``lower_order_final=False``, are NaN in diffusers); a repeated timestep
+  (e.g. as many steps as training timesteps with ``linspace`` spacing) is
+  the identity and the step after it drops the orders that would need it;
+  Euler ancestral adds no noise on a step to a larger sigma.
+* Dynamic thresholding takes the quantile in float32 (float64 for float64
+  data); ``dynamic_thresholding_ratio`` must be in [0, 1].
+* ``trained_betas`` must have ``num_train_timesteps`` entries (diffusers runs
+  whatever length it is given).
 * Euler with ``s_churn > 0``: the churn noise is drawn at every step (diffusers
   draws it only where gamma > 0; the rows without churn add none), so the
   generator advances differently.
