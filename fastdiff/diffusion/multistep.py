@@ -97,7 +97,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from .. import ops
 from ..ops.multistep import multistep_step
 from . import multistep_tables as tb
-from .schedulers import _build_schedule
+from .schedulers import build_noise_schedule
 
 __all__ = ["FusedDPMSolverMultistepScheduler", "FusedUniPCMultistepScheduler", "FusedEulerDiscreteScheduler",
            "FusedEulerAncestralDiscreteScheduler", "FusedFlowMatchEulerDiscreteScheduler"]
@@ -122,8 +122,8 @@ def _check_steps(n, T: Optional[int] = None) -> int:
 def _vp_alphas_cumprod(cfg) -> np.ndarray:
     """float64 abar_t of the config's beta schedule; with zero-terminal-SNR
     rescaling the last abar is 2^-24 (as diffusers), so the first sigma is finite."""
-    sched = _build_schedule(cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end, cfg.beta_schedule,
-                            cfg.trained_betas, cfg.rescale_betas_zero_snr)
+    sched = build_noise_schedule(cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end, cfg.beta_schedule,
+                                 cfg.trained_betas, cfg.rescale_betas_zero_snr)
     abar = np.cumprod(1.0 - sched.betas.double().numpy())
     if cfg.rescale_betas_zero_snr:
         abar[-1] = 2.0 ** -24

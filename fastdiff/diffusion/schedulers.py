@@ -112,7 +112,7 @@ def _laplace_betas(T: int, max_beta: float = 0.999) -> torch.Tensor:
                         dtype=torch.float64)
 
 
-def _build_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
+def build_noise_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
                     rescale_betas_zero_snr) -> NoiseSchedule:
     T = num_train_timesteps
     if isinstance(T, bool) or not isinstance(T, (int, np.integer)) or T < 1:
@@ -172,8 +172,8 @@ class _FusedScheduler(SchedulerMixin, ConfigMixin):
                 or cfg.steps_offset < 0:
             raise ValueError(f"steps_offset must be an int >= 0, got {cfg.steps_offset!r}")
         #: the float64 schedule the kernels read (a CPU copy; device copies are cached)
-        self.schedule = _build_schedule(cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end, cfg.beta_schedule,
-                                        cfg.trained_betas, cfg.rescale_betas_zero_snr)
+        self.schedule = build_noise_schedule(cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end,
+                                             cfg.beta_schedule, cfg.trained_betas, cfg.rescale_betas_zero_snr)
         # float32 copies for code written against diffusers' attributes
         self.betas = self.schedule.betas.float()
         self.alphas = self.schedule.alphas.float()
