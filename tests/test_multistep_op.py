@@ -5,7 +5,7 @@ opcheck, torch.compile and bad input.
 Tolerances. Each step is checked against float64 maths applied to the
 kernel's own state before the call (so errors do not compound across steps).
 For a linear form evaluated in precision ``acc`` (float32; float64 for
-float64 data) with at most ~12 terms, the error is at most ~16 eps_acc times
+float64 data; the CPU kernel's float64 for float32 data only tightens this) with at most ~12 terms, the error is at most ~16 eps_acc times
 the sum of |coefficient| * max|term| (the bound ``B`` computed below), and a
 result stored in a lower precision adds half an ulp of that precision,
 bounded by eps_dtype * |value|. In-kernel noise adds the float32 Box-Muller

@@ -7,8 +7,8 @@
 // one history slot: 5 passes of the tensor, in one sweep. Work is split with
 // at::parallel_for into chunks inside one sample (the dynamic threshold is
 // per sample); each chunk runs a few simple, branch-free loops over
-// float (double for float64 data) scratch rows that stay in L1/L2, which the
-// compiler vectorises (an AVX2 clone for float32 data).
+// scratch rows that stay in L1/L2 (double for float32/float64 data, float for
+// float16/bfloat16), which the compiler vectorises (an AVX2 clone for float32).
 //
 // In-kernel noise: step i draws the fastdiff Philox stream of the key
 // [seed, offset + i] at the working layout's memory positions.
@@ -26,7 +26,7 @@
 namespace fastdiff {
 namespace {
 
-constexpr int64_t kMsChunk = 4096;  // elements per work item: 3 scratch rows of 16 KB (float)
+constexpr int64_t kMsChunk = 4096;  // elements per work item: 3 scratch rows of 32 KB (double)
 
 template <typename acc_t>
 struct MsCoef {  // the row, as the loop uses it; 0 means "term absent"
@@ -120,9 +120,9 @@ FD_INLINE void ms_chunk(const MsCoef<acc_t>& c, const MsPtrs<scalar_t, state_t>&
 }
 
 // The float32 instance, compiled for AVX2 and baseline (chosen at load time).
-FD_CLONES void ms_chunk_f32(const MsCoef<float>& c, const MsPtrs<float, float>& p, const float* z, float s,
-                            float clip, float* x0b, float* xcb, float* pb, int64_t n) {
-  ms_chunk<float, float, float>(c, p, z, s, clip, x0b, xcb, pb, n);
+FD_CLONES void ms_chunk_f32(const MsCoef<double>& c, const MsPtrs<float, float>& p, const float* z, double s,
+                            double clip, double* x0b, double* xcb, double* pb, int64_t n) {
+  ms_chunk<float, float, double>(c, p, z, s, clip, x0b, xcb, pb, n);
 }
 
 template <typename T>
@@ -132,7 +132,11 @@ template <typename scalar_t, typename state_t>
 void ms_run(const MsArgs& a, at::Tensor& history, at::Tensor& last_sample, const double* r, int64_t i,
             const PhiloxKey& key, bool draw, double clip_range, at::Tensor& prev, at::Tensor& x0_out,
             bool return_x0) {
-  using acc_t = typename std::conditional<std::is_same<scalar_t, double>::value, double, float>::type;
+  // float32 data is combined in float64: the tables' coefficients can be large with opposite signs (UniPC,
+  // 3M), so rounding them to float32 costs accuracy, and this memory-bound loop has cycles to spare.
+  // float16/bfloat16 data use float32 (their storage rounding dominates).
+  using acc_t = typename std::conditional<std::is_same<scalar_t, double>::value ||
+                                              std::is_same<scalar_t, float>::value, double, float>::type;
   MsCoef<acc_t> c{};
   c.cx = acc_t(r[kCx]);
   c.cm = acc_t(r[kCm]);

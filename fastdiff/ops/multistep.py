@@ -46,9 +46,11 @@ def multistep_step(model_output: torch.Tensor, sample: torch.Tensor, history: to
         prev = a_x*xc + a_m*model_output + a_x0*x0 + sum_j a_hj*H[j] + a_z*z
         if push: history[i mod K] = x0 (after H was read); last_sample = xc (if kept)
 
-    Terms with a coefficient exactly 0 are not read. Arithmetic is float32
-    (float64 for float64 data); the coefficients are float64 and read once
-    per call.
+    Terms with a coefficient exactly 0 are not read. The coefficients are
+    float64 and read once per call. Arithmetic: float64 for float64 data;
+    float32 data is combined in float64 by the CPU kernel (the tables'
+    coefficients can be large with opposite signs) and in float32 by the GPU
+    kernels; float16/bfloat16 data in float32.
 
     Args:
         model_output: the model's output, converted by c_x/c_m (epsilon,
