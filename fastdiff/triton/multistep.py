@@ -27,7 +27,6 @@ import triton.language as tl
 
 from . import _common as C
 from ._philox import normal4
-from ._layout import per_sample
 from ..ops import _multistep_common as msc
 
 _NO_NOISE, _NOISE_TENSOR, _NOISE_KEY = 0, 1, 2
@@ -201,7 +200,7 @@ def multistep_step(model_output, sample, history, last_sample, coeffs, step_inde
     cf = coeffs.contiguous()
     with _guard(sample.device):
         if x.numel() > 0:
-            tiling = C.tiling("step", x.size(0), per_sample(x))
+            tiling = C.tiling("step", x.size(0), x.numel() // x.size(0))  # numel > 0: N > 0
             meta = dict(tiling.meta)
             meta["I64"] = tiling.i64 or (K + 1) * x.numel() + 2 * tiling.block > C.I64_THRESHOLD
             mode = _NOISE_KEY if key is not None else (_NOISE_TENSOR if nz is not None else _NO_NOISE)
