@@ -6,6 +6,7 @@
 
 #include "blocks.h"
 #include "host.h"
+#include "multistep.h"
 
 namespace {
 
@@ -41,6 +42,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ddim_step_cuda", &fastdiff::ddim_step_cuda);
   m.def("group_norm_act_cuda", &fastdiff::group_norm_act_cuda);
   m.def("group_norm_act_backward_cuda", &fastdiff::group_norm_act_backward_cuda);
+  m.def("multistep_step_cuda", &fastdiff::multistep_step_cuda);
 #else
   m.attr("with_cuda") = false;
 #endif

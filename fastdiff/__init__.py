@@ -26,6 +26,7 @@ from .ops import (  # noqa: E402
     draw_key,
     get_velocity,
     group_norm_act,
+    multistep_step,
     q_sample,
     set_backend,
 )
@@ -33,7 +34,7 @@ from .schedule import NoiseSchedule  # noqa: E402
 from ._info import info  # noqa: E402
 
 __all__ = ["NoiseSchedule", "q_sample", "get_velocity", "diffusion_loss", "ddpm_step", "ddim_step", "draw_key",
-           "group_norm_act", "attention", "set_backend", "available_backends", "info", "__version__"]
+           "group_norm_act", "attention", "multistep_step", "set_backend", "available_backends", "info", "__version__"]
 
 from . import nn  # noqa: E402  (fused U-Net modules, the DDPM U-Net, patch/unpatch)
 from .nn import UNet, patch, unpatch  # noqa: E402
@@ -42,7 +43,9 @@ __all__ += ["nn", "UNet", "patch", "unpatch"]
 
 from . import diffusion  # noqa: E402  (GaussianDiffusion and the diffusers-compatible schedulers, lazily)
 
-_LAZY = {"GaussianDiffusion", "FusedDDPMScheduler", "FusedDDIMScheduler"}
+_LAZY = {"GaussianDiffusion", "FusedDDPMScheduler", "FusedDDIMScheduler", "FusedDPMSolverMultistepScheduler",
+         "FusedUniPCMultistepScheduler", "FusedEulerDiscreteScheduler", "FusedEulerAncestralDiscreteScheduler",
+         "FusedFlowMatchEulerDiscreteScheduler"}
 __all__ += ["diffusion", *sorted(_LAZY)]
 
 

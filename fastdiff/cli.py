@@ -216,18 +216,24 @@ def _add_sample(sub) -> None:
     p = sub.add_parser(
         "sample", help="draw samples from a trained checkpoint (PNG grid or .npz)",
         description="Load a checkpoint written by `fastdiff train` (the EMA weights by default) and sample\n"
-                    "with the fused DDPM or DDIM step. Images are written as a PNG grid (values mapped from\n"
+                    "with a fused sampler step (DDPM, DDIM, DPM-Solver++, UniPC, Euler, Euler ancestral).\n"
+                    "Images are written as a PNG grid (values mapped from\n"
                     "[-1, 1] to 0..255) or, with an .npz path, as a uint8 array 'images' (N, H, W, C); 2-D data\n"
                     "as a scatter plot (.png) or a float array 'samples' (.npz).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  fastdiff sample --checkpoint runs/digits/checkpoint --n 64 --out samples.png\n"
-               "  fastdiff sample --checkpoint runs/digits/checkpoint --method ddim --steps 50 --out s.npz")
+               "  fastdiff sample --checkpoint runs/digits/checkpoint --method ddim --steps 50 --out s.npz\n"
+               "  fastdiff sample --checkpoint runs/digits/checkpoint --method dpmsolver++ --order 2 --steps 20")
     p.add_argument("--checkpoint", required=True, metavar="DIR",
                    help="a checkpoint directory (or the run directory that contains checkpoint/)")
     p.add_argument("--n", type=int, default=64, help="number of samples (default: 64)")
     p.add_argument("--batch", type=int, default=None, help="samples per model call (default: all n at once)")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: T for ddpm, 50 for ddim)")
-    p.add_argument("--method", choices=("ddpm", "ddim"), default="ddpm", help="sampler (default: ddpm)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampling steps (default: T for ddpm, 50 for ddim, 20 for the multistep samplers)")
+    p.add_argument("--method", choices=("ddpm", "ddim", "dpmsolver++", "unipc", "euler", "euler_ancestral"),
+                   default="ddpm", help="sampler (default: ddpm)")
+    p.add_argument("--order", type=int, default=None, choices=(1, 2, 3),
+                   help="solver order of dpmsolver++ / unipc (default: 2)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic; default 0)")
     p.add_argument("--spacing", choices=("leading", "trailing", "linspace"), default="leading",
                    help="timestep spacing of a respaced chain (default: leading)")
@@ -282,13 +288,15 @@ def _cmd_sample(args) -> int:
         if not args.out.endswith((".png", ".npz")):
             raise ValueError(f"--out must end in .png or .npz, got {args.out!r}")
         diffusion = build_from_checkpoint(args.checkpoint, ema=not args.no_ema, device=device)
-        steps = args.steps if args.steps is not None else (50 if args.method == "ddim" else None)
+        steps = args.steps if args.steps is not None else \
+            {"ddpm": None, "ddim": 50}.get(args.method, 20)
         gen = torch.Generator(device=device).manual_seed(args.seed)
         batch = args.batch or args.n
         parts = []
         for start in range(0, args.n, batch):
             parts.append(diffusion.sample(min(batch, args.n - start), steps=steps, method=args.method, eta=args.eta,
-                                          spacing=args.spacing, generator=gen, cuda_graph=args.cuda_graph,
+                                          order=args.order, spacing=args.spacing, generator=gen,
+                                          cuda_graph=args.cuda_graph,
                                           compile_model=args.compile, progress=not args.no_progress).cpu())
     except (ValueError, FileNotFoundError) as e:
         print(f"fastdiff sample: error: {e}", file=sys.stderr)

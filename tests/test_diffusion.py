@@ -491,7 +491,7 @@ def test_bad_inputs_name_the_argument():
         (lambda: diff.sample(2, steps=0), ValueError, "steps"),
         (lambda: diff.sample(2, steps=51), ValueError, "steps"),
         (lambda: diff.sample(2, steps=2.5), ValueError, "steps"),
-        (lambda: diff.sample(2, method="euler"), ValueError, "method"),
+        (lambda: diff.sample(2, method="heun"), ValueError, "method"),
         (lambda: diff.sample(2, spacing="middle"), ValueError, "spacing"),
         (lambda: diff.sample(2, method="ddim", eta=-0.1), ValueError, "eta"),
         (lambda: diff.sample(2, method="ddpm", eta=0.5), ValueError, "eta"),

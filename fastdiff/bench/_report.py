@@ -22,6 +22,8 @@ OPS = {
     "diffusion_loss": "epsilon-target MSE loss, forward + backward",
     "ddpm_step": "DDPM ancestral step with noise (fixed_small variance)",
     "ddim_step": "DDIM step, eta = 0 (50-step respaced chain)",
+    "multistep_step": "DPM-Solver++(2M) step (midpoint, epsilon model, one history slot): fastdiff.multistep_step "
+                      "vs the same update in eager PyTorch",
 }
 # the U-Net block operators, timed by fastdiff.bench.blocks
 BLOCK_OPS = {

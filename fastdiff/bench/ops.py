@@ -252,15 +252,65 @@ def _cases_ddim_step(ctx: _Ctx, gen) -> list:
     return cases
 
 
+def _dpmpp_2m_scalars(sched: fastdiff.NoiseSchedule, t_prev_prev: int, t_cur: int, t_next: int) -> dict:
+    """alpha/sigma/h/r0 of one DPM-Solver++(2M) step t_cur -> t_next after t_prev_prev (float64 host maths)."""
+    ab = sched.alphas_cumprod.double().cpu()
+    al = {t: math.sqrt(float(ab[t])) for t in (t_prev_prev, t_cur, t_next)}
+    sg = {t: math.sqrt(1 - float(ab[t])) for t in (t_prev_prev, t_cur, t_next)}
+    lam = {t: math.log(al[t] / sg[t]) for t in al}
+    h, h0 = lam[t_next] - lam[t_cur], lam[t_cur] - lam[t_prev_prev]
+    return dict(alpha_s=al[t_cur], sigma_s=sg[t_cur], alpha_t=al[t_next], sigma_t=sg[t_next], h=h, r0=h0 / h)
+
+
+def eager_dpmpp_2m(eps, x, prev_x0, alpha_s, sigma_s, alpha_t, sigma_t, h, r0):
+    """DPM-Solver++(2M), midpoint, epsilon model: the update diffusers' DPMSolverMultistepScheduler makes,
+    written with Python-float coefficients."""
+    x0 = (x - sigma_s * eps) / alpha_s
+    d1 = (1.0 / r0) * (x0 - prev_x0)
+    e = math.expm1(-h)
+    return (sigma_t / sigma_s) * x - (alpha_t * e) * x0 - 0.5 * (alpha_t * e) * d1, x0
+
+
+def _cases_multistep_step(ctx: _Ctx, gen) -> list:
+    """Minimum traffic of a 2M step: read x, eps and the previous x0, write prev and the new x0 (5 tensors)."""
+    dev, B = ctx.device, ctx.tensor_bytes
+    eps, xs = ctx.randn(gen), ctx.randn(gen)
+    stride = T_TRAIN // 20
+    c = _dpmpp_2m_scalars(ctx.sched, STEP_T + stride, STEP_T, STEP_T - stride)
+    e = math.expm1(-c["h"])
+    A = c["alpha_t"] * e
+    row = torch.zeros(fastdiff.ops.multistep.MULTISTEP_NCOEF, dtype=torch.float64)
+    row[0], row[1] = 1 / c["alpha_s"], -c["sigma_s"] / c["alpha_s"]        # x0 = (x - sigma_s eps) / alpha_s
+    row[8], row[10], row[11] = c["sigma_t"] / c["sigma_s"], -A - 0.5 * A / c["r0"], 0.5 * A / c["r0"]
+    row[15] = 1.0                                                          # push x0 into the history
+    coeffs = row.repeat(2, 1).to(dev)
+    hist = torch.randn((1,) + ctx.shape, generator=gen, device=dev, dtype=torch.float32).to(ctx.dtype)
+    empty = torch.empty(0, device=dev, dtype=ctx.dtype)
+    si = torch.ones((), dtype=torch.int64, device=dev)
+    cases = []
+    for impl, backend in ctx.fastdiff_impls:
+        def f(i):
+            si.fill_(1)  # replay row 1 (the op advances step_index)
+            return fastdiff.multistep_step(eps[i], xs[i], hist, empty, coeffs, si)
+        cases.append(Case("multistep_step", impl, f, 5 * B, backend=backend))
+    prev_x0 = hist[0]
+    cases.append(Case("multistep_step", "eager", lambda i: eager_dpmpp_2m(eps[i], xs[i], prev_x0, **c), 5 * B))
+    cases.append(_compile_case(ctx, "multistep_step", eager_dpmpp_2m, 5 * B,
+                               lambda cf, i: cf(eps[i], xs[i], prev_x0, **c)))
+    return cases
+
+
 _BUILDERS = {
     "q_sample_rng": _cases_q_sample_rng,
     "q_sample": _cases_q_sample,
     "diffusion_loss": _cases_diffusion_loss,
     "ddpm_step": _cases_ddpm_step,
     "ddim_step": _cases_ddim_step,
+    "multistep_step": _cases_multistep_step,
 }
 # full-size tensors each input set holds (for the rotation count)
-_INPUTS_PER_SET = {"q_sample_rng": 1, "q_sample": 2, "diffusion_loss": 3, "ddpm_step": 2, "ddim_step": 2}
+_INPUTS_PER_SET = {"q_sample_rng": 1, "q_sample": 2, "diffusion_loss": 3, "ddpm_step": 2, "ddim_step": 2,
+                   "multistep_step": 2}
 
 
 def fastdiff_impls(device: str) -> list:

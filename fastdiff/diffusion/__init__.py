@@ -6,6 +6,12 @@
 * :class:`FusedDDPMScheduler`, :class:`FusedDDIMScheduler`
   (``schedulers.py``): drop-in replacements for diffusers' schedulers whose
   ``step`` is one fused kernel launch. They need the ``diffusers`` package.
+* :class:`FusedDPMSolverMultistepScheduler`, :class:`FusedUniPCMultistepScheduler`,
+  :class:`FusedEulerDiscreteScheduler`, :class:`FusedEulerAncestralDiscreteScheduler`,
+  :class:`FusedFlowMatchEulerDiscreteScheduler` (``multistep.py``, tables in
+  ``multistep_tables.py``): the multistep samplers, each step one launch of
+  :func:`fastdiff.ops.multistep.multistep_step` driven by a float64
+  coefficient table and a device step counter.
 
 The names are imported lazily, so ``import fastdiff`` does not import
 diffusers.
@@ -18,6 +24,11 @@ _LAZY = {
     "GaussianDiffusion": ".gaussian",
     "FusedDDPMScheduler": ".schedulers",
     "FusedDDIMScheduler": ".schedulers",
+    "FusedDPMSolverMultistepScheduler": ".multistep",
+    "FusedUniPCMultistepScheduler": ".multistep",
+    "FusedEulerDiscreteScheduler": ".multistep",
+    "FusedEulerAncestralDiscreteScheduler": ".multistep",
+    "FusedFlowMatchEulerDiscreteScheduler": ".multistep",
 }
 
 __all__ = list(_LAZY)

@@ -19,16 +19,20 @@ import math
 import warnings
 from typing import Optional, Union
 
+import numpy as np
 import torch
 from torch import nn
 
 from .. import ops as _ops
+from ..ops.multistep import multistep_step as _multistep_step
+from . import multistep_tables as _tb
 from ..ops._codes import PREDICTION
 from ..schedule import SCHEDULES, SPACINGS, WEIGHTINGS, NoiseSchedule
 
 Tensor = torch.Tensor
 
-METHODS = ("ddpm", "ddim")
+MULTISTEP_METHODS = ("dpmsolver++", "unipc", "euler", "euler_ancestral")
+METHODS = ("ddpm", "ddim") + MULTISTEP_METHODS
 VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned_range")
 _LN2 = math.log(2.0)
 
@@ -428,8 +432,9 @@ class GaussianDiffusion(nn.Module):
     def sample(self, n: int, *, steps: Optional[int] = None, method: str = "ddpm", eta: float = 0.0,
                spacing: str = "leading", generator: Optional[torch.Generator] = None, x_T: Optional[Tensor] = None,
                cuda_graph: Optional[bool] = None, compile_model: bool = False, progress: bool = False,
-               return_trajectory: bool = False, device=None, dtype=None):
-        """Draw samples with the fused DDPM or DDIM step.
+               return_trajectory: bool = False, device=None, dtype=None, order: Optional[int] = None):
+        """Draw samples with a fused sampler step (DDPM, DDIM, DPM-Solver++,
+        UniPC, Euler, Euler ancestral).
 
         Args:
             n: number of samples (>= 1).
@@ -437,8 +442,18 @@ class GaussianDiffusion(nn.Module):
                 steps the chain runs on respaced timesteps
                 (``NoiseSchedule.timesteps(steps, spacing)``) with beta'_t =
                 1 - abar_t / abar_prev.
-            method: ``"ddpm"`` (ancestral, this module's variance_type) or
-                ``"ddim"`` (Song et al. 2021; ``eta`` 0 is deterministic).
+            method: ``"ddpm"`` (ancestral, this module's variance_type),
+                ``"ddim"`` (Song et al. 2021; ``eta`` 0 is deterministic), or
+                a multistep sampler, one :func:`fastdiff.ops.multistep.multistep_step`
+                launch per step driven by a float64 coefficient table and a
+                device step counter: ``"dpmsolver++"`` (DPM-Solver++ multistep,
+                midpoint, ``order`` 1-3, default 2), ``"unipc"`` (UniPC bh2 with
+                the corrector fused into the next step, ``order`` 1-3, default
+                2), ``"euler"`` or ``"euler_ancestral"`` (on the VE scale
+                x * sqrt(sigma^2 + 1), noise drawn in the kernel). The
+                multistep samplers end at sigma = 0, use lower-order final
+                steps below 15 steps (as diffusers' defaults) and clip x0 when
+                ``clip_sample`` (Euler: rewritten in x0 form for that).
             eta: DDIM's noise scale (>= 0); must be 0 for ddpm.
             spacing: ``leading``, ``trailing`` or ``linspace`` (diffusers' names).
             generator: draws x_T and the (steps, 2) table of per-step noise
@@ -456,6 +471,8 @@ class GaussianDiffusion(nn.Module):
             device: where to sample (default: the module's device).
             dtype: the samples' dtype (default float32); the model gets its
                 parameters' dtype.
+            order: the solver order of ``dpmsolver++`` / ``unipc`` (1, 2 or 3;
+                default 2); must be None for the other methods.
 
         The model runs in whatever mode it is in (call ``.eval()`` first if it
         has dropout). The whole loop runs without host synchronisation: the timestep table,
@@ -480,8 +497,14 @@ class GaussianDiffusion(nn.Module):
             raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
         if not (isinstance(eta, (int, float)) and eta >= 0):
             raise ValueError(f"eta must be a number >= 0, got {eta!r}")
-        if method == "ddpm" and eta != 0:
+        if method != "ddim" and eta != 0:
             raise ValueError("eta is a DDIM parameter: use method='ddim' or eta=0")
+        if method in ("dpmsolver++", "unipc"):
+            order = 2 if order is None else order
+            if isinstance(order, bool) or order not in (1, 2, 3):
+                raise ValueError(f"order must be 1, 2 or 3 for method={method!r}, got {order!r}")
+        elif order is not None:
+            raise ValueError(f"order is a dpmsolver++/unipc parameter, got order={order!r} with method={method!r}")
         device = torch.device(device) if device is not None else self.device
         dtype = dtype or torch.float32
         if dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
@@ -506,39 +529,115 @@ class GaussianDiffusion(nn.Module):
         model_fn = self._model_fn(compile_model)
         in_dtype = self._model_dtype()
 
-        def step(x, t, tp, key):
-            out = self._call(model_fn, x, t, in_dtype)
-            common = dict(t_prev=tp, prediction_type=self.target, clip_sample=self.clip_sample,
-                          clip_sample_range=self.clip_sample_range, key=key)
-            if method == "ddpm":
-                return _ops.ddpm_step(out, t, x, abar, variance_type=self.variance_type, **common)
-            pred, _ = self._split(out, x.shape[1])
-            return _ops.ddim_step(pred, t, x, abar, eta=float(eta), final_alpha_cumprod=1.0, **common)
-
         if cuda_graph is None:
             cuda_graph = (device.type == "cuda" and not compile_model
                           and getattr(self.model, "supports_cuda_graphs", True))
         elif cuda_graph and device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs a CUDA device, got {device}")
-        traj = [x.clone()] if return_trajectory else None
+        final_x0, view, reset = True, None, None
+        if method in MULTISTEP_METHODS:
+            step, x, view, reset = self._multistep(method, order, steps, spacing, x, device, model_fn, in_dtype)
+            final_x0 = False
+        else:
+            def step(x, t, tp, key):
+                out = self._call(model_fn, x, t, in_dtype)
+                common = dict(t_prev=tp, prediction_type=self.target, clip_sample=self.clip_sample,
+                              clip_sample_range=self.clip_sample_range, key=key)
+                if method == "ddpm":
+                    return _ops.ddpm_step(out, t, x, abar, variance_type=self.variance_type, **common)
+                pred, _ = self._split(out, x.shape[1])
+                return _ops.ddim_step(pred, t, x, abar, eta=float(eta), final_alpha_cumprod=1.0, **common)
+
+        traj = [(x if view is None else view(-1, x)).clone()] if return_trajectory else None
         result = None
         if cuda_graph:
-            result = self._sample_graphed(step, x, t_rows, tp_rows, keys, progress, traj)
+            result = self._sample_graphed(step, x, t_rows, tp_rows, keys, progress, traj, final_x0, view, reset)
         if result is None:
-            result = self._sample_eager(step, x, t_rows, tp_rows, keys, progress, traj)
+            if reset is not None:
+                reset()  # a failed capture may have run (warm-up) steps
+            result = self._sample_eager(step, x, t_rows, tp_rows, keys, progress, traj, final_x0, view)
         return (result, torch.stack(traj)) if return_trajectory else result
 
-    def _sample_eager(self, step, x, t_rows, tp_rows, keys, progress, traj):
+    def _sample_eager(self, step, x, t_rows, tp_rows, keys, progress, traj, final_x0=True, view=None):
         steps = t_rows.shape[0]
         for i in _progress(range(steps), progress, "sampling"):
             prev, x0 = step(x, t_rows[i], tp_rows[i], keys[i])
-            x = x0 if i == steps - 1 else prev  # the final step is the x0 prediction
+            x = x0 if final_x0 and i == steps - 1 else prev  # DDPM/DDIM: the final step is the x0 prediction
             if traj is not None:
-                traj.append(x.clone())
+                traj.append((x if view is None else view(i, x)).clone())
         return x
 
-    def _sample_graphed(self, step, x, t_rows, tp_rows, keys, progress, traj):
-        """Capture one step in a CUDA graph and replay it; None if capture fails."""
+    def _multistep(self, method, order, steps, spacing, x, device, model_fn, in_dtype):
+        """(step, x on the sampler's scale, view, reset) for a multistep
+        sampler: the float64 coefficient table, the step counter and the
+        zero-initialised history live on ``device``; ``step`` is the model
+        call plus one fused launch, the same code at every step (so one CUDA
+        graph replays it: the counter advances on the device)."""
+        abar = self.alphas_cumprod.detach().to("cpu", torch.float64).numpy()
+        ts = self.schedule.timesteps(steps, spacing).numpy()
+        sig = np.sqrt((1.0 - abar[ts]) / abar[ts])
+        sigmas = np.concatenate([sig, [0.0]])
+        ve = method in ("euler", "euler_ancestral")
+        if method == "dpmsolver++":
+            levels = _tb.dpmsolver_levels(sigmas, solver_order=order, solver_type="midpoint",
+                                          algorithm_type="dpmsolver++", prediction_type=self.target,
+                                          lower_order_final=True, euler_at_final=False, final_sigmas_type="zero",
+                                          flow=False)
+        elif method == "unipc":
+            levels = _tb.unipc_levels(sigmas, solver_order=order, solver_type="bh2", prediction_type=self.target,
+                                      lower_order_final=True, disable_corrector=(), flow=False)
+        elif method == "euler":
+            levels = _tb.euler_rows(sigmas, self.target)
+        else:
+            levels = _tb.euler_ancestral_rows(sigmas, self.target)
+        ar = np.arange(steps)
+        rows = levels[np.minimum(ar, levels.shape[0] - 1), ar].copy()  # a run from step 0
+        C = _tb.C
+        if ve and self.clip_sample:
+            # clipping acts on x0: move the a_m * model_output term into x0 form (m = (x0 - c_x x) / c_m)
+            am, cx, cm = rows[:, C["a_m"]].copy(), rows[:, C["c_x"]], rows[:, C["c_m"]]
+            rows[:, C["a_x0"]] += am / cm
+            rows[:, C["a_x"]] -= am * cx / cm
+            rows[:, C["a_m"]] = 0.0
+        K = _tb.history_depth(rows[None])
+        keeps_last = bool(np.any(rows[:, C["u_on"]] != 0))
+        noisy = bool(np.any(rows[:, C["a_z"]] != 0))
+        coeffs = torch.from_numpy(rows).to(device)
+        counter = torch.zeros((), dtype=torch.int64, device=device)
+        hd = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+        hist = torch.zeros((K,) + tuple(x.shape), dtype=hd, device=device)
+        last = torch.zeros(x.shape, dtype=hd, device=device) if keeps_last else torch.empty(0, dtype=hd, device=device)
+        clip = float(self.clip_sample_range) if self.clip_sample else 0.0
+        scale = torch.from_numpy(1.0 / np.sqrt(sigmas ** 2 + 1.0)).to(device) if ve else None
+        if ve:
+            x = x * float(np.sqrt(sig[0] ** 2 + 1.0))
+
+        def step(x, t, tp, key):
+            xin = x
+            if scale is not None:
+                xin = (x.to(torch.float32 if x.dtype != torch.float64 else x.dtype)
+                       * scale.index_select(0, counter.reshape(1)).to(torch.float32 if x.dtype != torch.float64
+                                                                       else x.dtype)).to(x.dtype)
+            out = self._call(model_fn, xin, t, in_dtype)
+            pred, _ = self._split(out, x.shape[1])
+            return _multistep_step(pred, x, hist, last, coeffs, counter, key=key if noisy else None,
+                                   clip_range=clip)
+
+        def view(i, x):  # x after step i on the data scale (VE: divide by sqrt(sigma_{i+1}^2 + 1))
+            return x if not ve else x / float(np.sqrt(sigmas[i + 1] ** 2 + 1.0))
+
+        def reset():
+            counter.zero_()
+            hist.zero_()
+            last.zero_()
+
+        return step, x, view, reset
+
+    def _sample_graphed(self, step, x, t_rows, tp_rows, keys, progress, traj, final_x0=True, view=None,
+                        reset=None):
+        """Capture one step in a CUDA graph and replay it; None if capture fails.
+        ``reset`` restores a multistep sampler's device state after the
+        warm-up runs (the captured step advances its counter on replay)."""
         steps = t_rows.shape[0]
         sx, st, stp, skey = x.clone(), t_rows[0].clone(), tp_rows[0].clone(), keys[0].clone()
         try:
@@ -550,6 +649,8 @@ class GaussianDiffusion(nn.Module):
                 for _ in range(2):
                     step(sx, st, stp, skey)
             torch.cuda.current_stream(x.device).wait_stream(side)
+            if reset is not None:
+                reset()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 prev, sx0 = step(sx, st, stp, skey)
@@ -566,8 +667,9 @@ class GaussianDiffusion(nn.Module):
             skey.copy_(keys[i], non_blocking=True)
             graph.replay()
             if traj is not None:
-                traj.append((sx0 if i == steps - 1 else sx).clone())
-        out = sx0.clone()
+                cur = sx0 if final_x0 and i == steps - 1 else sx
+                traj.append((cur if view is None else view(i, cur)).clone())
+        out = sx0.clone() if final_x0 else sx.clone()
         del graph
         return out
 

@@ -112,7 +112,7 @@ def _laplace_betas(T: int, max_beta: float = 0.999) -> torch.Tensor:
                         dtype=torch.float64)
 
 
-def _build_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
+def build_noise_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
                     rescale_betas_zero_snr) -> NoiseSchedule:
     T = num_train_timesteps
     if isinstance(T, bool) or not isinstance(T, (int, np.integer)) or T < 1:
@@ -172,8 +172,8 @@ class _FusedScheduler(SchedulerMixin, ConfigMixin):
                 or cfg.steps_offset < 0:
             raise ValueError(f"steps_offset must be an int >= 0, got {cfg.steps_offset!r}")
         #: the float64 schedule the kernels read (a CPU copy; device copies are cached)
-        self.schedule = _build_schedule(cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end, cfg.beta_schedule,
-                                        cfg.trained_betas, cfg.rescale_betas_zero_snr)
+        self.schedule = build_noise_schedule(cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end,
+                                             cfg.beta_schedule, cfg.trained_betas, cfg.rescale_betas_zero_snr)
         # float32 copies for code written against diffusers' attributes
         self.betas = self.schedule.betas.float()
         self.alphas = self.schedule.alphas.float()
@@ -466,6 +466,41 @@ class FusedDDPMScheduler(_FusedScheduler):
     def _zero_key(self, device):
         return torch.zeros(2, dtype=torch.int64, device=device)
 
+    def _get_variance(self, t, predicted_variance: Optional[torch.Tensor] = None,
+                      variance_type: Optional[str] = None) -> torch.Tensor:
+        """The reverse-step variance at timestep ``t`` (diffusers' private
+        helper, for code that calls it; ``step`` computes it in the kernel).
+        From the float64 tables, returned as float32 like diffusers':
+        fixed_small: the posterior variance (clamped at 1e-20); fixed_large and
+        fixed_large_log: beta'_t (diffusers' fixed_large_log is NaN, see the
+        module docstring); fixed_small_log: its square root, as diffusers
+        returns it; learned: ``predicted_variance``; learned_range: the
+        interpolated log-variance."""
+        vt = self.variance_type if variance_type is None else variance_type
+        _check_choice(vt, VARIANCE_TYPES, "variance_type")
+        t_int = int(t)
+        T = self.config.num_train_timesteps
+        if not 0 <= t_int < T:
+            raise ValueError(f"t={t_int} is out of range [0, {T})")
+        prev = int(self._prev[t_int])
+        ab = self.schedule.alphas_cumprod
+        a_t = float(ab[t_int])
+        a_prev = float(ab[prev]) if 0 <= prev < T else 1.0
+        beta = 1 - a_t / a_prev
+        var = max((1 - a_prev) / (1 - a_t) * beta, 1e-20)
+        if vt == "fixed_small":
+            out = var
+        elif vt == "fixed_small_log":
+            out = math.exp(0.5 * math.log(var))
+        elif vt in ("fixed_large", "fixed_large_log"):
+            out = beta
+        elif vt == "learned":
+            return predicted_variance
+        else:
+            frac = (predicted_variance + 1) / 2
+            return frac * math.log(beta) + (1 - frac) * math.log(var)
+        return torch.tensor(out, dtype=torch.float32)
+
 
 # ---------------------------------------------------------------- DDIM ------
 class FusedDDIMScheduler(_FusedScheduler):
@@ -536,3 +571,16 @@ class FusedDDIMScheduler(_FusedScheduler):
         if not return_dict:
             return prev, x0
         return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+
+    def _get_variance(self, timestep, prev_timestep) -> torch.Tensor:
+        """DDIM's sigma_t^2 / eta^2 = (1 - abar_prev)/(1 - abar_t) (1 - abar_t /
+        abar_prev) between any two timesteps (diffusers' private helper; abar_prev
+        is the final abar for prev_timestep < 0). float64 tables, float32 result."""
+        T = self.config.num_train_timesteps
+        t, tp = int(timestep), int(prev_timestep)
+        if not 0 <= t < T or tp >= T:
+            raise ValueError(f"timestep={t} / prev_timestep={tp} out of range [0, {T})")
+        ab = self.schedule.alphas_cumprod
+        a_t = float(ab[t])
+        a_prev = float(ab[tp]) if tp >= 0 else self._final_abar
+        return torch.tensor((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev), dtype=torch.float32)

@@ -167,3 +167,14 @@ def _attn_backward(ctx, grad_out, _grad_lse):
 
 torch.library.register_autograd(_f("group_norm_act"), _gn_backward, setup_context=_gn_setup)
 torch.library.register_autograd(_f("attention"), _attn_backward, setup_context=_attn_setup)
+
+
+# ------------------------------------------------------ multistep samplers ----
+@torch.library.register_fake(_f("multistep_step"))
+def _multistep_fake(model_output, sample, history, last_sample, coeffs, step_index, noise, key, thresh, clip_range,
+                    return_x0):
+    from ._multistep_common import empty_working, working_layout
+
+    layout = working_layout(sample, history, last_sample)
+    x0 = empty_working(layout, sample.dtype) if return_x0 else sample.new_empty(0)
+    return empty_working(layout, sample.dtype), x0

@@ -129,3 +129,51 @@ def attention_backward(grad_out, q, k, v, out, lse, scale):
         r.copy_(g)
         res.append(r)
     return tuple(res)
+
+
+# ------------------------------------------------------ multistep samplers ----
+def multistep_step(model_output, sample, history, last_sample, coeffs, step_index, noise, key, thresh, clip_range,
+                   return_x0):
+    """Row ``step_index`` of ``coeffs`` (see fastdiff/reference/multistep.py).
+    A row that cannot be applied (step_index outside the table, a non-finite
+    coefficient, a history age beyond K, ...) raises ValueError on the CPU;
+    on other devices it gives NaN outputs and leaves history/last_sample
+    untouched (as the GPU kernels do). step_index is incremented either way."""
+    from ..reference import multistep as refm
+    from . import _multistep_common as msc
+
+    msc.check(model_output, sample, history, last_sample, coeffs, step_index, noise, key, thresh, clip_range)
+    layout = msc.working_layout(sample, history, last_sample)
+    K, kept = history.shape[0], last_sample.numel() > 0
+    n_rows = coeffs.shape[0]
+    i = int(step_index)
+    if not 0 <= i < n_rows:
+        problem = f"step_index={i} is outside the coefficient table's rows [0, {n_rows})"
+    else:
+        row = coeffs[i].detach().cpu()
+        problem = refm.row_problem(row, K, kept, noise is not None or key is not None)
+    prev = msc.empty_working(layout, sample.dtype)
+    x0_out = msc.empty_working(layout, sample.dtype) if return_x0 else sample.new_empty(0)
+    if problem is not None:
+        if sample.device.type == "cpu":
+            raise ValueError(f"coeffs row {i}: {problem}")
+        prev.fill_(float("nan"))
+        x0_out.fill_(float("nan"))
+        step_index.add_(1)
+        return prev, x0_out
+    a_z = float(row[refm.COL["a_z"]])
+    z = noise
+    if z is None and key is not None and a_z != 0.0:
+        z = refm.step_noise(layout, key, i)
+    p, x0, hist_new, last_new = refm.multistep_step(model_output, sample, history, last_sample if kept else None,
+                                                    row, i, noise=z, thresh=thresh, clip_range=clip_range)
+    prev.copy_(p)
+    if return_x0:
+        x0_out.copy_(x0)
+    if float(row[refm.COL["push"]]) != 0.0:
+        if K > 0:
+            history[i % K].copy_(hist_new[i % K])
+        if kept:
+            last_sample.copy_(last_new)
+    step_index.add_(1)
+    return prev, x0_out

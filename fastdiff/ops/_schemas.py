@@ -53,6 +53,13 @@ SCHEMAS = {
     # (dq, dk, dv), each stored as (B, L, H, D) like out
     "attention_backward": "attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out,"
     " Tensor lse, float scale) -> (Tensor, Tensor, Tensor)",
+    # one step of a multistep sampler (DPM-Solver++, UniPC, Euler, flow matching): row i = step_index of the
+    # float64 (n_rows, 16) coefficient table; updates the history ring buffer (K, *sample.shape), last_sample
+    # (or empty) and step_index (+1) in place; returns (prev_sample, x0 or empty). See
+    # fastdiff/reference/multistep.py for the maths and fastdiff/ops/multistep.py for the contract.
+    "multistep_step": "multistep_step(Tensor model_output, Tensor sample, Tensor(a!) history,"
+    " Tensor(b!) last_sample, Tensor coeffs, Tensor(c!) step_index, Tensor? noise, Tensor? key, Tensor? thresh,"
+    " float clip_range, bool return_x0) -> (Tensor, Tensor)",
 }
 
 # Tags: every op is a pure function of its inputs (the key makes the noise
