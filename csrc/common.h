@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #if defined(__CUDACC__)
 #define FD_HD __host__ __device__ __forceinline__
@@ -68,11 +69,42 @@ FD_HD U4 philox_group(const PhiloxKey& k, uint64_t g) {
   return philox4x32_10(U4{static_cast<uint32_t>(g), static_cast<uint32_t>(g >> 32), k.o_lo, k.o_hi}, k.s_lo, k.s_hi);
 }
 
+// ln(u) for float32 u in [2^-33, 1], exactly 0 at u = 1 and < 0 below it:
+// exponent split, mantissa folded into [sqrt(1/2), sqrt(2)), then 2 atanh(s)
+// as a series (|s| <= 0.1716, truncation error < 1e-9). The formula of the
+// CPU generator (cpu/noise_cpu.h) and of the Triton one (_philox.py
+// _log_unit). The GPU must not use __logf (lg2.approx.f32): for u just
+// below 1 its absolute error (~2^-22) exceeds |ln u| = 2^-24..2^-23, the
+// result can be >= 0 and sqrt(-2 ln u) NaN or wrong in about 3.6e-7 of draws.
+FD_HD float log_unit(float u) {
+#if defined(__CUDA_ARCH__)
+  const uint32_t bits = __float_as_uint(u);
+#else
+  uint32_t bits;
+  std::memcpy(&bits, &u, 4);
+#endif
+  const uint32_t mbits = (bits & 0x007FFFFFu) | 0x3F800000u;  // mantissa as a float in [1, 2)
+  const int32_t big = static_cast<int32_t>(mbits > 0x3FB504F3u);  // m > sqrt(2)
+  const int32_t e = static_cast<int32_t>(bits >> 23) - 127 + big;
+  const uint32_t mb = mbits - (static_cast<uint32_t>(big) << 23);  // halve m when big
+#if defined(__CUDA_ARCH__)
+  const float m = __uint_as_float(mb);
+  const float s = __fdiv_rn(m - 1.0f, m + 1.0f);  // IEEE division whatever the compile flags
+#else
+  float m;
+  std::memcpy(&m, &mb, 4);
+  const float s = (m - 1.0f) / (m + 1.0f);
+#endif
+  const float s2 = s * s;
+  const float p = 1.0f + s2 * (1.0f / 3 + s2 * (1.0f / 5 + s2 * (1.0f / 7 + s2 * (1.0f / 9))));
+  return static_cast<float>(e) * 0.69314718f + 2.0f * s * p;
+}
+
 // Box-Muller on two words: u in (0, 1], angle 2*pi*v. Writes two normals.
 FD_HD void box_muller(uint32_t a, uint32_t b, float& z0, float& z1) {
   const float u = static_cast<float>(a) * 2.3283064365386963e-10f + 1.1641532182693481e-10f;
 #if defined(__CUDA_ARCH__)
-  const float r = sqrtf(-2.0f * __logf(u));
+  const float r = __fsqrt_rn(-2.0f * log_unit(u));  // argument >= 0 (exactly 0 at u = 1)
   float s, c;
   // sincospif(x) = (sin(pi x), cos(pi x)); its range reduction is exact.
   sincospif(static_cast<float>(b) * 4.6566128730773926e-10f, &s, &c);

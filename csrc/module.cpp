@@ -7,6 +7,13 @@
 #include "blocks.h"
 #include "host.h"
 #include "multistep.h"
+#include "cpu/isa.h"
+
+#ifdef FASTDIFF_WITH_CUDA
+namespace fastdiff {
+std::tuple<int64_t, double, double> box_muller_radius_check_cuda(int64_t start, int64_t n, int64_t device);
+}
+#endif
 
 namespace {
 
@@ -43,9 +50,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("group_norm_act_cuda", &fastdiff::group_norm_act_cuda);
   m.def("group_norm_act_backward_cuda", &fastdiff::group_norm_act_backward_cuda);
   m.def("multistep_step_cuda", &fastdiff::multistep_step_cuda);
+  // test hook (tests/test_gpu_check.py): Box-Muller radius over a range of uniform words
+  m.def("box_muller_radius_check_cuda", &fastdiff::box_muller_radius_check_cuda);
 #else
   m.attr("with_cuda") = false;
 #endif
   m.attr("cuda_archs") = cuda_archs();
   m.attr("built_with_torch") = FASTDIFF_TORCH_VERSION;
+  // the CPU kernels' instruction set in this process (cpu/isa.h; FASTDIFF_CPU_ISA=baseline)
+  m.def("cpu_isa", [] {
+    return std::string(fastdiff::cpu_use_avx2_fma() ? "avx2+fma" : (fastdiff::cpu_use_avx2() ? "avx2" : "baseline"));
+  });
 }

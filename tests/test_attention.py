@@ -422,12 +422,16 @@ def test_compile_fullgraph_fused_attention():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 def test_gpu_public_fused_default_configs(D, dtype):
     """The default (untested-without-GPU) block configs compile, fit and are
-    accurate: U-Net self-attention at 32x32 (L=1024) and cross-attention to 77 tokens."""
+    accurate: U-Net self-attention at 32x32 (L=1024) and cross-attention to 77 tokens.
+    float32 is not fused by default (``fused_attention_supported`` is False:
+    SDPA is the default there), so its configs are reached with fused=True."""
+    fp32 = dtype == torch.float32
     for B, H, Lq, Lk, layout in ((2, max(1, 256 // D), 1024, 1024, "qkv_conv"), (2, 2, 1000, 77, "cross")):
         q, k, v, do = _inputs(B, H, Lq, Lk, D, dtype, layout, seed=12)
-        assert fastdiff.ops.blocks.fused_attention_supported(q, k, v)
+        assert fastdiff.ops.blocks.fused_attention_supported(q, k, v) is not fp32
         scale = 1.0 / math.sqrt(D)
-        o, dq, dk, dv = _torch_grads(lambda a, b, c: fastdiff.attention(a, b, c), q, k, v, do)
+        o, dq, dk, dv = _torch_grads(lambda a, b, c: fastdiff.attention(a, b, c, fused=True if fp32 else None),
+                                     q, k, v, do)
         assert o.transpose(1, 2).is_contiguous()  # went through the fused op
         o64, lse64, *g64 = _oracle(q, k, v, do, scale)
         if dtype == torch.float32:

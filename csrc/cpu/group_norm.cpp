@@ -38,6 +38,7 @@
 #include <vector>
 
 #include "../blocks.h"
+#include "isa.h"
 
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__) && !defined(FASTDIFF_NO_TARGET_CLONES)
 // Every kernel is compiled twice: for the baseline and for AVX2 + FMA,
@@ -916,8 +917,7 @@ FD_GN_KERNELS(IoBF16, bf16_avx2, FD_AVX2_FMA, true)
 
 bool cpu_has_avx2_fma() {
 #if FD_GN_X86
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
+  return cpu_use_avx2_fma();  // cpu/isa.h: by CPU feature, FASTDIFF_CPU_ISA=baseline turns it off
 #else
   return false;
 #endif

@@ -11,13 +11,15 @@
 
 #include "../common.h"
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(FASTDIFF_NO_TARGET_CLONES)
-// One AVX2 clone chosen at load time by CPU feature (not "arch=": that
-// dispatches on the CPU model and never picks the clone on AMD), the baseline clone elsewhere: a
-// 3-4x faster noise generator without tying the build to the build machine.
-#define FD_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define FD_CLONES
+#include "isa.h"
+
+#if FD_X86_DISPATCH
+// An AVX2 build next to the baseline one, chosen at run time by CPU feature
+// (isa.h: not by CPU model, so AMD gets it too; FASTDIFF_CPU_ISA=baseline
+// forces the baseline): a 3-4x faster noise generator without tying the
+// build to the build machine. (target("avx2") without FMA: both builds
+// round every operation alike.)
+#define FD_TARGET_AVX2 __attribute__((target("avx2"), noinline))
 #endif
 
 #if defined(__GNUC__)
@@ -79,7 +81,7 @@ FD_INLINE void sincos_2pi(float v, float& s_out, float& c_out) {
 }
 
 // Normals 4*g0 .. 4*g0 + 4*G - 1 of the stream into z (G <= kGroups).
-static FD_CLONES void normal_block(const PhiloxKey k, uint64_t g0, int G, float* z) {
+FD_INLINE void normal_block_body(const PhiloxKey k, uint64_t g0, int G, float* z) {
   uint32_t c0[kGroups], c1[kGroups], c2[kGroups], c3[kGroups];
   for (int i = 0; i < G; ++i) {
     const uint64_t g = g0 + static_cast<uint64_t>(i);
@@ -116,6 +118,21 @@ static FD_CLONES void normal_block(const PhiloxKey k, uint64_t g0, int G, float*
     z[4 * i + 2] = rb * cb;
     z[4 * i + 3] = rb * sb;
   }
+}
+
+#if FD_X86_DISPATCH
+static FD_TARGET_AVX2 void normal_block_avx2(const PhiloxKey k, uint64_t g0, int G, float* z) {
+  normal_block_body(k, g0, G, z);
+}
+#endif
+static __attribute__((noinline)) void normal_block_base(const PhiloxKey k, uint64_t g0, int G, float* z) {
+  normal_block_body(k, g0, G, z);
+}
+static inline void normal_block(const PhiloxKey k, uint64_t g0, int G, float* z) {
+#if FD_X86_DISPATCH
+  if (cpu_use_avx2()) return normal_block_avx2(k, g0, G, z);
+#endif
+  normal_block_base(k, g0, G, z);
 }
 
 // Normals for stream positions [start, start + n) into out (n <= kChunk).

@@ -195,9 +195,9 @@ struct F32Step {
   bool ddim, use_clipped;
 };
 
-FD_CLONES void step_chunk_f32(const F32Step p, const float* __restrict__ o, const float* __restrict__ x,
-                              const float* __restrict__ z, float* __restrict__ prev, float* __restrict__ x0,
-                              int64_t n) {
+FD_INLINE void step_chunk_f32_body(const F32Step& p, const float* __restrict__ o, const float* __restrict__ x,
+                                   const float* __restrict__ z, float* __restrict__ prev,
+                                   float* __restrict__ x0, int64_t n) {
   if (p.pred == kEpsilon) {
     const float inv = 1.0f / p.sab;
     for (int64_t j = 0; j < n; ++j) x0[j] = (x[j] - p.s1m * o[j]) * inv;
@@ -229,6 +229,22 @@ FD_CLONES void step_chunk_f32(const F32Step p, const float* __restrict__ o, cons
   if (z)
     for (int64_t j = 0; j < n; ++j) prev[j] += p.sd * z[j];
 }
+
+#define FD_STEP_ARGS                                                                                    \
+  const F32Step p, const float* __restrict__ o, const float* __restrict__ x, const float* __restrict__ z, \
+      float* __restrict__ prev, float* __restrict__ x0, int64_t n
+#if FD_X86_DISPATCH
+FD_TARGET_AVX2 void step_chunk_f32_avx2(FD_STEP_ARGS) { step_chunk_f32_body(p, o, x, z, prev, x0, n); }
+#endif
+__attribute__((noinline)) void step_chunk_f32_base(FD_STEP_ARGS) { step_chunk_f32_body(p, o, x, z, prev, x0, n); }
+// The AVX2 or the baseline build (cpu/isa.h).
+inline void step_chunk_f32(FD_STEP_ARGS) {
+#if FD_X86_DISPATCH
+  if (cpu_use_avx2()) return step_chunk_f32_avx2(p, o, x, z, prev, x0, n);
+#endif
+  step_chunk_f32_base(p, o, x, z, prev, x0, n);
+}
+#undef FD_STEP_ARGS
 }  // namespace
 
 template <bool kDDIM>

@@ -227,7 +227,7 @@ class GaussianDiffusion(nn.Module):
             t = t.reshape(1).expand(n)
         if t.shape != (n,):
             raise ValueError(f"t must have shape ({n},), got {tuple(t.shape)}")
-        if t.device.type == "cpu" and (int(t.min()) < 0 or int(t.max()) >= T):
+        if t.device.type == "cpu" and not torch.compiler.is_compiling() and (int(t.min()) < 0 or int(t.max()) >= T):
             raise ValueError(f"t has values outside [0, {T})")
         return t.to(device=device, dtype=torch.int64).contiguous()
 

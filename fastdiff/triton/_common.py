@@ -10,9 +10,20 @@ Tiles start on multiples of 4 of the *global* element index, so that a tile is
 a whole number of Philox groups: when ``M % 4 != 0`` a sample's tiles start at
 ``4 * floor(n*M / 4)`` and the first / last tile is masked to the sample
 (hence up to 3 elements of padding in ``chunks``).
+
+Rounding. The per-sample coefficients are float64 (``tl.sqrt`` and ``/`` on
+float64 are IEEE). The per-element float32 maths is the formula of
+csrc/common.h but not its rounding: on the GPU Triton lowers a float32 ``/``
+to ``div.full.f32`` and ``tl.sqrt`` to ``sqrt.approx.f32`` (about 2 ulp),
+while the interpreter, the CPU and the CUDA C++ kernels divide and take
+square roots correctly rounded. The backends therefore agree to a few
+float32 ulps, not bit for bit; tests bound each against the float64
+reference. (``sqrt_acc`` below is the exception: it asks for ``sqrt_rn``.)
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import struct
 
 import torch
@@ -131,7 +142,8 @@ def f64_from_bits(bits):
 
 @triton.jit
 def sqrt_acc(x):
-    """IEEE square root in x's precision (float32 or float64)."""
+    """Correctly rounded square root in x's precision (float32 ``sqrt_rn``,
+    float64 ``sqrt``), unlike a plain float32 ``tl.sqrt`` on the GPU."""
     if x.dtype == tl.float64:
         r = tl.sqrt(x)
     else:
@@ -173,6 +185,31 @@ def clip_x0(x0, clip, s, HAS_THRESH: tl.constexpr, CLIP: tl.constexpr):
 
 
 # ----------------------------------------------------------- host side ---
+def cuda_device_of(args) -> "torch.device | None":
+    """The device of the first CUDA tensor among ``args`` (None if none)."""
+    for a in args:
+        if isinstance(a, torch.Tensor) and a.is_cuda:
+            return a.device
+    return None
+
+
+def on_tensor_device(fn):
+    """Launcher decorator: Triton launches on the *current* CUDA device and
+    its current stream, so run the launcher with the current device set to
+    its tensors' device (``torch.cuda.device``, as PyTorch's own ops do).
+    Without it, tensors on cuda:1 with cuda:0 current were read by a kernel
+    on device 0 (an illegal address, or a read unordered against the
+    producer's stream)."""
+
+    @functools.wraps(fn)
+    def launcher(*args, **kwargs):
+        dev = cuda_device_of(args)
+        with torch.cuda.device(dev) if dev is not None else contextlib.nullcontext():
+            return fn(*args, **kwargs)
+
+    return launcher
+
+
 def f64_bits(v: float) -> int:
     """The int64 bit pattern of float64 ``v`` (decoded by f64_from_bits)."""
     return struct.unpack("<q", struct.pack("<d", float(v)))[0]

@@ -45,7 +45,6 @@ launches can be captured in CUDA graphs.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 
@@ -59,6 +58,7 @@ except ImportError:  # older layouts of the package
     from triton.runtime.autotuner import OutOfResources
 
 from ..ops._layout import attn_empty
+from ._common import on_tensor_device
 
 LOG2E = 1.4426950408889634  # host side
 _LOG2E = tl.constexpr(LOG2E)  # the kernels may only read constexpr globals
@@ -145,7 +145,7 @@ def _fwd_loop(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, start, end, 
     return acc, l_i, m_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_mblocks"])  # a block count: no recompile per sequence length
 def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
                      sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
                      H, Lq, Lk, D, n_mblocks, qk_scale,
@@ -208,7 +208,7 @@ def _dq_loop(dq, q, do, lse2, delta, k_base, v_base, skn, skd, svn, svd, start, 
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_mblocks"])
 def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
                         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                         sob, soh, som, sod, sdob, sdoh, sdom, sdod, sdqb, sdqh, sdqm, sdqd,
@@ -280,7 +280,7 @@ def _dkdv_loop(dk, dv, k, v, q_base, do_base, lse_row, delta_row, sqm, sqd, sdom
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_nblocks"])
 def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
                           sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                           sdob, sdoh, sdom, sdod, sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
@@ -456,6 +456,7 @@ def _strides(*ts):
     return [s for t in ts for s in t.stride()]
 
 
+@on_tensor_device
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, *,
               block_m: int | None = None, block_n: int | None = None):
     """Schema ``attention(q, k, v, scale) -> (out, lse)``: out (B, H, Lq, D)
@@ -491,23 +492,23 @@ def _launch_rows(kernel_fn, name, args, tail_args, L, BH, D, like, block_m, bloc
         kernel_fn[(BH * nblk,)](*args, nblk, *tail_args, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
                                 num_stages=stages, **meta)
 
-    # Triton launches on the current device: make it the tensors' one
-    with torch.cuda.device(like.device) if like.is_cuda else contextlib.nullcontext():
+    # (the public launchers run on the tensors' device: @on_tensor_device)
+    try:
+        go(cfg)
+    except OutOfResources:
+        smaller = _halve(cfg)
         try:
-            go(cfg)
-        except OutOfResources:
-            smaller = _halve(cfg)
-            try:
-                go(smaller)
-            except OutOfResources as e:
-                raise RuntimeError(
-                    f"fastdiff: the Triton attention {name} kernel for head dim {D} ({like.dtype}) does not fit "
-                    f"this GPU even with {smaller[0]}x{smaller[1]} tiles ({e}); use "
-                    "fastdiff.attention(..., fused=False)") from e
+            go(smaller)
+        except OutOfResources as e:
+            raise RuntimeError(
+                f"fastdiff: the Triton attention {name} kernel for head dim {D} ({like.dtype}) does not fit "
+                f"this GPU even with {smaller[0]}x{smaller[1]} tiles ({e}); use "
+                "fastdiff.attention(..., fused=False)") from e
     if smaller is not None and block_m is None and block_n is None:
         _DEGRADED[(name, _block_d(D), 4 if like.dtype == torch.float32 else 2, str(like.device))] = smaller
 
 
+@on_tensor_device
 def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        out: torch.Tensor, lse: torch.Tensor, scale: float, *,
                        block_m: int | None = None, block_n: int | None = None):

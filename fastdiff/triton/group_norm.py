@@ -157,7 +157,7 @@ def _group_base(pid, C, S, G, D, CL: tl.constexpr):
     return n, g, base
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["eps_bits"])  # a float's bit pattern: no specialisation on its value
 def _gn_fwd_kernel(x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, add_ptr, sc_ptr, sh_ptr,
                    C, S, G, D, eps_bits,
                    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_ADD: tl.constexpr, HAS_SC: tl.constexpr,
@@ -413,6 +413,7 @@ def _i64(C: int, S: int) -> bool:
     return C * S + 2 * SINGLE_MAX["fwd"] > CM.I64_THRESHOLD
 
 
+@CM.on_tensor_device
 def group_norm_act(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], add: Optional[Tensor],
                    scale: Optional[Tensor], shift: Optional[Tensor], groups: int, eps: float, silu: bool,
                    *, block: Optional[int] = None):
@@ -459,6 +460,7 @@ def _match_grad(grad_y: Tensor, xc: Tensor, cl: bool) -> Tensor:
     return g
 
 
+@CM.on_tensor_device
 def group_norm_act_backward(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                             add: Optional[Tensor], scale: Optional[Tensor], shift: Optional[Tensor],
                             mean: Tensor, rstd: Tensor, groups: int, silu: bool, *, block: Optional[int] = None):

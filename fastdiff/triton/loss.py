@@ -18,7 +18,7 @@ from ..ops._layout import canonical, match_layout, per_sample
 from ._philox import tile_normals
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["chunks", "T"])  # block count / table length
 def _loss_kernel(out_ptr, x_ptr, noise_ptr, key_ptr, t_ptr, abar_ptr, w_ptr, grad_ptr, ws_ptr,
                  M, chunks, T,
                  TARGET: tl.constexpr, NOISE_FROM_KEY: tl.constexpr, NEED_GRAD: tl.constexpr, ACC: tl.constexpr,
@@ -62,6 +62,7 @@ def _loss_kernel(out_ptr, x_ptr, noise_ptr, key_ptr, t_ptr, abar_ptr, w_ptr, gra
     tl.store(ws_ptr + pid, part.to(ws_ptr.dtype.element_ty))
 
 
+@C.on_tensor_device
 def diffusion_loss(model_output: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor,
                    noise, key, weight: torch.Tensor, target: int, need_grad: bool):
     """Schema ``diffusion_loss(model_output, x0, t, alphas_cumprod, noise?, key?, weight, target, need_grad)

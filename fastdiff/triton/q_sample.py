@@ -11,7 +11,7 @@ from ..ops._layout import canonical, match_layout, per_sample
 from ._philox import tile_normals
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["chunks", "T"])  # block count / table length
 def _q_sample_kernel(x_ptr, noise_ptr, key_ptr, t_ptr, abar_ptr, out_ptr, noise_out_ptr,
                      M, chunks, T,
                      NOISE_FROM_KEY: tl.constexpr, STORE_NOISE: tl.constexpr, ACC: tl.constexpr,
@@ -59,11 +59,13 @@ def _launch(x0, t, abar, noise, key, return_noise):
     return out, noise_out
 
 
+@C.on_tensor_device
 def q_sample(x0: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """Schema ``q_sample(x0, t, alphas_cumprod, noise) -> x_t``."""
     return _launch(x0, t, alphas_cumprod, noise, None, False)[0]
 
 
+@C.on_tensor_device
 def q_sample_rng(x0: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor, key: torch.Tensor,
                  return_noise: bool):
     """Schema ``q_sample_rng(x0, t, alphas_cumprod, key, return_noise) -> (x_t, noise or empty)``;

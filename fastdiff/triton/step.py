@@ -42,7 +42,7 @@ def _noise_tile(noise_ptr, key_ptr, start, offs, mask, NOISE: tl.constexpr, BLOC
     return z
 
 
-@triton.jit(do_not_specialize=["clip_bits"])
+@triton.jit(do_not_specialize=["chunks", "T", "clip_bits"])
 def _ddpm_kernel(mo_ptr, x_ptr, var_ptr, noise_ptr, key_ptr, thresh_ptr, t_ptr, tp_ptr, abar_ptr,
                  prev_ptr, x0_ptr, M, chunks, T, clip_bits,
                  PRED: tl.constexpr, VAR: tl.constexpr, NOISE: tl.constexpr, HAS_THRESH: tl.constexpr,
@@ -89,7 +89,7 @@ def _ddpm_kernel(mo_ptr, x_ptr, var_ptr, noise_ptr, key_ptr, thresh_ptr, t_ptr, 
     tl.store(x0_ptr + offs, tl.where(valid, x0, nan).to(x0_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=["clip_bits", "eta_bits", "final_bits"])
+@triton.jit(do_not_specialize=["chunks", "T", "clip_bits", "eta_bits", "final_bits"])
 def _ddim_kernel(mo_ptr, x_ptr, noise_ptr, key_ptr, thresh_ptr, t_ptr, tp_ptr, abar_ptr,
                  prev_ptr, x0_ptr, M, chunks, T, clip_bits, eta_bits, final_bits,
                  PRED: tl.constexpr, NOISE: tl.constexpr, HAS_THRESH: tl.constexpr, CLIP: tl.constexpr,
@@ -166,6 +166,7 @@ def _noise_mode(noise, key):
     return _NOISE_KEY if key is not None else (_NOISE_TENSOR if noise is not None else _NO_NOISE)
 
 
+@C.on_tensor_device
 def ddpm_step(model_output, sample, t, t_prev, alphas_cumprod, model_var, noise, key, thresh, prediction_type,
               variance_type, clip_range):
     """Schema ``ddpm_step(model_output, sample, t, t_prev, alphas_cumprod, model_var?, noise?, key?, thresh?,
@@ -191,6 +192,7 @@ def ddpm_step(model_output, sample, t, t_prev, alphas_cumprod, model_var, noise,
     return prev, x0
 
 
+@C.on_tensor_device
 def ddim_step(model_output, sample, t, t_prev, alphas_cumprod, noise, key, thresh, prediction_type, clip_range,
               eta, final_alpha_cumprod, use_clipped_model_output):
     """Schema ``ddim_step(model_output, sample, t, t_prev, alphas_cumprod, noise?, key?, thresh?,
