@@ -1,6 +1,6 @@
 """Sample-quality metrics, offline: FID, Inception Score and KID beside bits/dim.
 
-    from fastdiff.metrics import InceptionExtractor, reference_stats, evaluate_samples
+    from fastdiff.metrics import InceptionExtractor, reference_stats, sample_features, evaluate_samples
     ext = InceptionExtractor("pt_inception-2015-12-05-6726825d.pth")          # never downloads
     ref, path, cached = reference_stats("digits", ext, image_size=16, cache="digits16.npz")
     feats = sample_features(diffusion, ext, 50_000, batch_size=256, method="ddim", steps=50)
