@@ -5,7 +5,7 @@
 # Outputs go to out/ (sample grids, loss curves, checkpoints, bench JSON).
 #   DEMO_DIGITS_STEPS, DEMO_ROLL_STEPS   training steps (defaults below)
 #   DEMO_BENCH=0                          skip the benchmark tables
-#   DEMO_BPD_IMAGES                       digits images for bits/dim (default 32)
+#   DEMO_BPD_IMAGES                       digits images for bits/dim (default 16; 1000 model calls each)
 #   DEMO_INCEPTION_WEIGHTS=PATH           also FID / IS / KID of the digits model (the standard file is
 #                                         pt_inception-2015-12-05-6726825d.pth; see `fastdiff eval --help`)
 #   DEMO_FID_SAMPLES                      samples for them (default 500; the convention is 50000)
@@ -25,7 +25,7 @@ fastdiff train --dataset digits --preset digits-16 --steps "$DIGITS_STEPS" --bat
 echo "== 16 more digits with the full 1000-step ancestral sampler"
 fastdiff sample --checkpoint out/digits --n 16 --method ddpm --out out/digits/samples_ddpm1000.png
 echo "== bits/dim of the digits model (the variational bound, 1000 terms per image)"
-fastdiff eval --checkpoint out/digits --dataset digits --n "${DEMO_BPD_IMAGES:-32}" --batch 32 \
+fastdiff eval --checkpoint out/digits --dataset digits --n "${DEMO_BPD_IMAGES:-16}" --batch 16 \
   --json out/digits/eval_bpd.json
 if [ -n "${DEMO_INCEPTION_WEIGHTS:-}" ]; then
   echo "== FID / IS / KID of ${DEMO_FID_SAMPLES:-500} digits samples (DDIM, 50 steps) against the 1797 digits"
