@@ -377,7 +377,10 @@ def _add_eval(sub) -> None:
     g.add_argument("--sample-batch", type=int, default=256, metavar="B",
                    help="samples per sampler call and images per InceptionV3 call (default: 256)")
     g.add_argument("--method", choices=METHODS, default="ddpm", help="sampler (default: ddpm, all T steps)")
-    g.add_argument("--steps", type=int, default=None, help="sampling steps (default: T for ddpm, 50 for ddim)")
+    g.add_argument("--steps", type=int, default=None,
+                   help="sampling steps (default: T for ddpm, 50 for ddim, 20 for the multistep samplers)")
+    g.add_argument("--order", type=int, default=None, choices=(1, 2, 3),
+                   help="solver order of dpmsolver++ / unipc (default: 2)")
     g.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default: 0)")
     g.add_argument("--spacing", choices=SPACINGS, default="leading",
                    help="timestep spacing of a respaced chain (default: leading)")
@@ -482,11 +485,12 @@ def _cmd_eval(args) -> int:
               f"(prior {report['prior_bpd']:.4f}, KL terms {report['vb_terms_bpd']:.4f}, "
               f"decoder {report['decoder_bpd']:.4f})")
     if want:
-        steps = args.steps if args.steps is not None else (50 if args.method == "ddim" else None)
+        steps = args.steps if args.steps is not None else {"ddpm": None, "ddim": 50}.get(args.method, 20)
         try:
             report.update(M.evaluate_checkpoint(
                 diffusion, extractor, ref, num_samples=args.num_samples, batch_size=args.sample_batch,
-                method=args.method, steps=steps, eta=args.eta, spacing=args.spacing, seed=args.seed, fid=args.fid,
+                method=args.method, steps=steps, eta=args.eta, spacing=args.spacing, order=args.order,
+                seed=args.seed, fid=args.fid,
                 isc=args.isc, kid=args.kid, is_splits=args.is_splits, kid_subsets=args.kid_subsets,
                 kid_subset_size=args.kid_subset_size, progress=not args.no_progress))
         except ValueError as e:

@@ -283,12 +283,12 @@ def dataset_features(dataset, extractor: InceptionExtractor, *, batch_size: int 
 
 def sample_features(diffusion, extractor: InceptionExtractor, n: int, *, batch_size: int = 256,
                     method: str = "ddpm", steps: Optional[int] = None, eta: float = 0.0, spacing: str = "leading",
-                    generator: Optional[torch.Generator] = None, cuda_graph: Optional[bool] = None,
-                    progress: bool = False, keep_samples: bool = False):
+                    order: Optional[int] = None, generator: Optional[torch.Generator] = None,
+                    cuda_graph: Optional[bool] = None, progress: bool = False, keep_samples: bool = False):
     """Draw ``n`` samples from ``diffusion`` (a GaussianDiffusion of images in
     [-1, 1]) ``batch_size`` at a time with ``diffusion.sample`` (``method``,
-    ``steps``, ``eta``, ``spacing`` as there) and return their
-    :class:`Features`; with ``keep_samples`` also the uint8 samples (n, 3, H, W)."""
+    ``steps``, ``eta``, ``spacing``, ``order`` as there: ddpm, ddim or a
+    multistep solver) and return their :class:`Features`; with ``keep_samples`` also the uint8 samples (n, 3, H, W)."""
     n = _positive(n, "n")
     batch_size = _positive(batch_size, "batch_size")
     shape = tuple(diffusion.sample_shape or ())
@@ -300,7 +300,7 @@ def sample_features(diffusion, extractor: InceptionExtractor, n: int, *, batch_s
     def batches():
         for s in range(0, n, batch_size):
             x = diffusion.sample(min(batch_size, n - s), steps=steps, method=method, eta=eta, spacing=spacing,
-                                 generator=generator, cuda_graph=cuda_graph)
+                                 order=order, generator=generator, cuda_graph=cuda_graph)
             if keep_samples:
                 kept.append(to_uint8_rgb(x).cpu())
             yield x
@@ -622,7 +622,8 @@ def resize_description(image_size) -> str:
 
 def evaluate_checkpoint(diffusion, extractor: InceptionExtractor, ref: Optional[RefStats], *, num_samples: int,
                         batch_size: int = 256, method: str = "ddpm", steps: Optional[int] = None, eta: float = 0.0,
-                        spacing: str = "leading", seed: int = 0, fid: bool = True, isc: bool = True,
+                        spacing: str = "leading", order: Optional[int] = None, seed: int = 0, fid: bool = True,
+                        isc: bool = True,
                         kid: bool = True, is_splits: int = 10, kid_subsets: int = 100, kid_subset_size: int = 1000,
                         progress: bool = False) -> dict:
     """Sample ``num_samples`` images from ``diffusion`` in batches, extract
@@ -632,14 +633,14 @@ def evaluate_checkpoint(diffusion, extractor: InceptionExtractor, ref: Optional[
     device = diffusion.device if hasattr(diffusion, "device") else torch.device("cpu")
     gen = torch.Generator(device=device).manual_seed(int(seed))
     feats = sample_features(diffusion, extractor, num_samples, batch_size=batch_size, method=method, steps=steps,
-                            eta=eta, spacing=spacing, generator=gen, progress=progress)
+                            eta=eta, spacing=spacing, order=order, generator=gen, progress=progress)
     out = evaluate_samples(feats, ref, fid=fid, isc=isc, kid=kid, is_splits=is_splits, kid_subsets=kid_subsets,
                            kid_subset_size=kid_subset_size)
     T = diffusion.num_timesteps
     out.update(extractor.describe())
     out["resize"] = resize_description(feats.image_size)
     out["sampler"] = (f"{method}, {steps or T} of {T} steps" + (f", eta {eta}" if method == "ddim" else "")
-                      + f", {spacing} spacing, seed {seed}")
+                      + (f", order {order}" if order else "") + f", {spacing} spacing, seed {seed}")
     if not extractor.standard:
         out["notes"].insert(0, f"the InceptionV3 weights are not the standard {STANDARD_WEIGHTS['file']} "
                                f"(sha256 {extractor.sha256[:8]}... != {STANDARD_WEIGHTS['sha256']}...): the "
