@@ -176,9 +176,9 @@ class InceptionExtractor:
     def __call__(self, images: Tensor) -> tuple[Tensor, Tensor]:
         if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4 \
                 or images.shape[1] != 3:
-            raise ValueError(f"images must be a uint8 tensor (N, 3, H, W), got "
-                             f"{(images.dtype, tuple(images.shape)) if isinstance(images, torch.Tensor) else type(images).__name__}"
-                             f" (use to_uint8_rgb)")
+            got = (f"{images.dtype} {tuple(images.shape)}" if isinstance(images, torch.Tensor)
+                   else type(images).__name__)
+            raise ValueError(f"images must be a uint8 tensor (N, 3, H, W), got {got} (use to_uint8_rgb)")
         if images.shape[0] == 0:
             raise ValueError("images is empty")
         pool, logits = self.net(images.to(self.device))
