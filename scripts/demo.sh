@@ -5,6 +5,10 @@
 # Outputs go to out/ (sample grids, loss curves, checkpoints, bench JSON).
 #   DEMO_DIGITS_STEPS, DEMO_ROLL_STEPS   training steps (defaults below)
 #   DEMO_BENCH=0                          skip the benchmark tables
+#   DEMO_BPD_IMAGES                       digits images for bits/dim (default 16; 1000 model calls each)
+#   DEMO_INCEPTION_WEIGHTS=PATH           also FID / IS / KID of the digits model (the standard file is
+#                                         pt_inception-2015-12-05-6726825d.pth; see `fastdiff eval --help`)
+#   DEMO_FID_SAMPLES                      samples for them (default 500; the convention is 50000)
 # Extra arguments go to `fastdiff bench`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +24,17 @@ fastdiff train --dataset digits --preset digits-16 --steps "$DIGITS_STEPS" --bat
   --sample-steps 50 --out out/digits
 echo "== 16 more digits with the full 1000-step ancestral sampler"
 fastdiff sample --checkpoint out/digits --n 16 --method ddpm --out out/digits/samples_ddpm1000.png
+echo "== bits/dim of the digits model (the variational bound, 1000 terms per image)"
+fastdiff eval --checkpoint out/digits --dataset digits --n "${DEMO_BPD_IMAGES:-16}" --batch 16 \
+  --json out/digits/eval_bpd.json
+if [ -n "${DEMO_INCEPTION_WEIGHTS:-}" ]; then
+  echo "== FID / IS / KID of ${DEMO_FID_SAMPLES:-500} digits samples (DDIM, 50 steps) against the 1797 digits"
+  fastdiff eval --checkpoint out/digits --dataset digits --no-bpd --fid --is --kid \
+    --inception-weights "$DEMO_INCEPTION_WEIGHTS" --num-samples "${DEMO_FID_SAMPLES:-500}" --method ddim --steps 50 \
+    --ref-stats out/digits/ref_stats_digits16.npz --json out/digits/eval_fid.json
+else
+  echo "   (FID / IS / KID: set DEMO_INCEPTION_WEIGHTS to the InceptionV3 weights file; see fastdiff eval --help)"
+fi
 
 echo "== training a DDPM on the 2-D swiss roll (MLP denoiser, ${ROLL_STEPS} steps)"
 fastdiff train --dataset swissroll --steps "$ROLL_STEPS" --batch 256 --lr 1e-3 --warmup 100 --ema-decay 0.995 \

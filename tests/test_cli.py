@@ -63,7 +63,9 @@ def test_help(sub, capsys):
         for opt in ("--checkpoint", "--n", "--steps", "--method", "--eta", "--out", "--cuda-graph", "--no-ema"):
             assert opt in out, opt
     if sub == ["eval"]:
-        for opt in ("--checkpoint", "--dataset", "--n", "--batch", "--json"):
+        for opt in ("--checkpoint", "--dataset", "--n", "--batch", "--json", "--fid", "--is", "--kid", "--no-bpd",
+                    "--inception-weights", "--ref-stats", "--ref-n", "--num-samples", "--sample-batch", "--method",
+                    "--kid-subset-size", "--is-splits", "pt_inception-2015-12-05-6726825d.pth", "50000"):
             assert opt in out, opt
 
 

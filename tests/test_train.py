@@ -100,10 +100,17 @@ def test_ema_update_matches_formula():
 
 def test_save_image_grid(tmp_path):
     imgs = torch.stack([torch.full((3, 4, 5), v) for v in (-1.0, 0.0, 1.0)])
-    path = save_image_grid(imgs, str(tmp_path / "g.png"), pad=1)
+    path = save_image_grid(imgs, str(tmp_path / "g.png"), pad=1, min_side=0)
     a = torch.tensor(__import__("numpy").array(Image.open(path)))
     assert a.shape == (2 * 5 + 1, 2 * 6 + 1, 3)  # 2x2 grid of 4x5 images, 1-px padding
     assert a[1, 1].tolist() == [0, 0, 0] and a[1, 7].tolist() == [128, 128, 128] and a[6, 1].tolist() == [255] * 3
+    # by default the grid is upscaled nearest-neighbour by the smallest integer factor that gives >= 512 px
+    big = torch.tensor(__import__("numpy").array(Image.open(save_image_grid(imgs, str(tmp_path / "b.png"), pad=1))))
+    k = -(-512 // 13)  # ceil(512 / 13) = 40
+    assert big.shape == (11 * k, 13 * k, 3)
+    assert torch.equal(big, a.repeat_interleave(k, 0).repeat_interleave(k, 1))
+    # large grids are left alone
+    assert Image.open(save_image_grid(torch.zeros(1, 1, 600, 300), str(tmp_path / "l.png"), pad=0)).size == (300, 600)
     with pytest.raises(ValueError, match="images must have shape"):
         save_image_grid(torch.zeros(2, 2, 4, 4), str(tmp_path / "x.png"))
 
@@ -165,7 +172,8 @@ def test_tiny_unet_preset_end_to_end(tmp_path):
             sample_method="ddim", checkpoint_every=2)
     s = Trainer(diff, ds, c).train()
     grid = Image.open(s["samples"])
-    assert grid.mode == "L" and grid.size == (2 * 18 + 2, 2 * 18 + 2)  # 2x2 grid of 16x16, 2-px padding
+    # 2x2 grid of 16x16 with 2-px padding (38 px), upscaled 14x to >= 512 px
+    assert grid.mode == "L" and grid.size == (14 * 38, 14 * 38)
     d = build_from_checkpoint(c.out_dir)
     assert d.model.config["in_ch"] == 1 and d.model.config["ch"] == 16
     x = d.sample(2, steps=2, generator=torch.Generator().manual_seed(0))

@@ -11,9 +11,21 @@ Tensor = torch.Tensor
 
 
 # ----------------------------------------------------------------- outputs --
-def save_image_grid(images: Tensor, path: str, nrow: Optional[int] = None, pad: int = 2) -> str:
+def _upscale_nearest(grid: Tensor, min_side: int) -> Tensor:
+    """Repeat every pixel of a (C, H, W) grid k x k times, the smallest integer
+    k that makes the longer side at least ``min_side`` (k = 1 if it already is):
+    a 16x16-pixel digit is a blur of a few pixels on a screen otherwise."""
+    k = max(1, math.ceil(min_side / max(grid.shape[-2:]))) if min_side > 0 else 1
+    return grid if k == 1 else grid.repeat_interleave(k, dim=-2).repeat_interleave(k, dim=-1)
+
+
+def save_image_grid(images: Tensor, path: str, nrow: Optional[int] = None, pad: int = 2,
+                    min_side: int = 512) -> str:
     """Save images (N, C, H, W) with values in [-1, 1] (C = 1 or 3) as one PNG
-    grid, ``nrow`` images per row (default ceil(sqrt(N))), ``pad`` pixels apart."""
+    grid, ``nrow`` images per row (default ceil(sqrt(N))), ``pad`` pixels apart,
+    upscaled nearest-neighbour by an integer factor until its longer side is at
+    least ``min_side`` pixels (0: the images' own resolution). Save an ``.npz``
+    (``fastdiff sample --out x.npz``) for the raw values."""
     from PIL import Image
 
     if images.dim() != 4 or images.shape[1] not in (1, 3):
@@ -26,6 +38,7 @@ def save_image_grid(images: Tensor, path: str, nrow: Optional[int] = None, pad: 
     for i in range(n):
         r, col = divmod(i, nrow)
         grid[:, pad + r * (h + pad):pad + r * (h + pad) + h, pad + col * (w + pad):pad + col * (w + pad) + w] = x[i]
+    grid = _upscale_nearest(grid, min_side)
     arr = grid[0].numpy() if c == 1 else grid.permute(1, 2, 0).numpy()
     Image.fromarray(arr, mode="L" if c == 1 else "RGB").save(path)
     return path
