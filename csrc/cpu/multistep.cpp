@@ -119,10 +119,22 @@ FD_INLINE void ms_chunk(const MsCoef<acc_t>& c, const MsPtrs<scalar_t, state_t>&
   }
 }
 
-// The float32 instance, compiled for AVX2 and baseline (chosen at load time).
-FD_CLONES void ms_chunk_f32(const MsCoef<double>& c, const MsPtrs<float, float>& p, const float* z, double s,
-                            double clip, double* x0b, double* xcb, double* pb, int64_t n) {
+// The float32 instance, compiled for AVX2 and for the baseline; cpu/isa.h
+// picks one per process (FASTDIFF_CPU_ISA=baseline forces the baseline).
+#define FD_MS_ARGS                                                                                      \
+  const MsCoef<double>&c, const MsPtrs<float, float>&p, const float *z, double s, double clip, double *x0b, \
+      double *xcb, double *pb, int64_t n
+#if FD_X86_DISPATCH
+FD_TARGET_AVX2 void ms_chunk_f32_avx2(FD_MS_ARGS) { ms_chunk<float, float, double>(c, p, z, s, clip, x0b, xcb, pb, n); }
+#endif
+__attribute__((noinline)) void ms_chunk_f32_base(FD_MS_ARGS) {
   ms_chunk<float, float, double>(c, p, z, s, clip, x0b, xcb, pb, n);
+}
+inline void ms_chunk_f32(FD_MS_ARGS) {
+#if FD_X86_DISPATCH
+  if (cpu_use_avx2()) return ms_chunk_f32_avx2(c, p, z, s, clip, x0b, xcb, pb, n);
+#endif
+  ms_chunk_f32_base(c, p, z, s, clip, x0b, xcb, pb, n);
 }
 
 template <typename T>
