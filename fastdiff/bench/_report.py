@@ -24,6 +24,9 @@ OPS = {
     "ddim_step": "DDIM step, eta = 0 (50-step respaced chain)",
     "multistep_step": "DPM-Solver++(2M) step (midpoint, epsilon model, one history slot): fastdiff.multistep_step "
                       "vs the same update in eager PyTorch",
+    "sampler_loop": "a whole 10-step sampling loop of the scheduler alone on a fixed model output "
+                    "(set_timesteps, scale_model_input, step): fused schedulers vs diffusers' (DPM-Solver++ 2M, "
+                    "UniPC bh2, Euler)",
 }
 # the U-Net block operators, timed by fastdiff.bench.blocks
 BLOCK_OPS = {

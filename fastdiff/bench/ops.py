@@ -300,6 +300,50 @@ def _cases_multistep_step(ctx: _Ctx, gen) -> list:
     return cases
 
 
+SAMPLER_STEPS = 10
+# variant: (fused class in fastdiff.diffusion, diffusers class, config, full tensors one step moves)
+SAMPLERS = {
+    "dpmsolver++2m": ("FusedDPMSolverMultistepScheduler", "DPMSolverMultistepScheduler", {"solver_order": 2}, 5),
+    "unipc-bh2": ("FusedUniPCMultistepScheduler", "UniPCMultistepScheduler",
+                  {"solver_order": 2, "solver_type": "bh2"}, 7),
+    "euler": ("FusedEulerDiscreteScheduler", "EulerDiscreteScheduler", {}, 3),
+}
+
+
+def sampler_loop(sched, eps: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The scheduler's share of a sampling loop, as a pipeline runs it, with
+    the model replaced by a fixed output."""
+    sched.set_timesteps(SAMPLER_STEPS, device=x.device)
+    for t in sched.timesteps:
+        sched.scale_model_input(x, t)  # the model's input (a pass in Euler's loop; identity for the others)
+        x = sched.step(eps, t, x, return_dict=False)[0]
+    return x
+
+
+def _cases_sampler_loop(ctx: _Ctx, gen) -> list:
+    """Both sides run the same loop; bytes are the fused step's minimum
+    traffic (the history read and written counted once) times the steps."""
+    from fastdiff import diffusion
+
+    B = ctx.tensor_bytes
+    eps, xs = ctx.randn(gen), ctx.randn(gen)
+    cases = []
+    for variant, (ours, theirs, cfg, passes) in SAMPLERS.items():
+        cfg = dict(num_train_timesteps=T_TRAIN, beta_schedule="linear", **cfg)
+        nbytes = SAMPLER_STEPS * passes * B
+        for impl, backend in ctx.fastdiff_impls:
+            s = getattr(diffusion, ours)(**cfg)
+            cases.append(Case("sampler_loop", impl, lambda i, s=s: sampler_loop(s, eps[i], xs[i]), nbytes,
+                              variant=variant, backend=backend))
+        if ctx.diffusers is not None:
+            s = getattr(ctx.diffusers, theirs)(**cfg)
+            cases.append(Case("sampler_loop", "diffusers", lambda i, s=s: sampler_loop(s, eps[i], xs[i]), nbytes,
+                              variant=variant))
+        else:
+            cases.append(Case("sampler_loop", "diffusers", None, nbytes, variant=variant, note=ctx.diffusers_note))
+    return cases
+
+
 _BUILDERS = {
     "q_sample_rng": _cases_q_sample_rng,
     "q_sample": _cases_q_sample,
@@ -307,10 +351,11 @@ _BUILDERS = {
     "ddpm_step": _cases_ddpm_step,
     "ddim_step": _cases_ddim_step,
     "multistep_step": _cases_multistep_step,
+    "sampler_loop": _cases_sampler_loop,
 }
 # full-size tensors each input set holds (for the rotation count)
 _INPUTS_PER_SET = {"q_sample_rng": 1, "q_sample": 2, "diffusion_loss": 3, "ddpm_step": 2, "ddim_step": 2,
-                   "multistep_step": 2}
+                   "multistep_step": 2, "sampler_loop": 2}
 
 
 def fastdiff_impls(device: str) -> list:
@@ -348,7 +393,8 @@ def _row(case: Case, ctx: _Ctx, copy_gbps: float, st: Optional[dict]) -> dict:
 
 
 _KERNEL_OF = {"q_sample_rng": "q_sample_rng", "q_sample": "q_sample", "diffusion_loss": "diffusion_loss",
-              "ddpm_step": "ddpm_step", "ddim_step": "ddim_step"}
+              "ddpm_step": "ddpm_step", "ddim_step": "ddim_step", "multistep_step": "multistep_step",
+              "sampler_loop": "multistep_step"}  # the kernel each row times
 
 
 def run_ops(device: str = "cpu", ops: Optional[Sequence[str]] = None, dtype="fp32", shapes=None,
