@@ -44,7 +44,9 @@ def build_vae(cfg: dict, dtype: torch.dtype, device: str):
     vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=cfg["block_out_channels"],
                         down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
                         layers_per_block=2, latent_channels=4, norm_num_groups=cfg["norm_num_groups"])
-    return vae.to(device=device, dtype=dtype).eval()
+    if dtype != torch.float32 or device != "cpu":  # (diffusers warns about any .to(dtype))
+        vae = vae.to(device=device, dtype=dtype)
+    return vae.eval()
 
 
 def _norm_act_ms(vae, z) -> tuple:
