@@ -37,9 +37,9 @@ __all__ = ["NoiseSchedule", "q_sample", "get_velocity", "diffusion_loss", "ddpm_
            "group_norm_act", "attention", "multistep_step", "set_backend", "available_backends", "info", "__version__"]
 
 from . import nn  # noqa: E402  (fused U-Net modules, the DDPM U-Net, patch/unpatch)
-from .nn import UNet, patch, unpatch  # noqa: E402
+from .nn import UNet, patch, patch_pipeline, unpatch, unpatch_pipeline  # noqa: E402
 
-__all__ += ["nn", "UNet", "patch", "unpatch"]
+__all__ += ["nn", "UNet", "patch", "unpatch", "patch_pipeline", "unpatch_pipeline"]
 
 from . import diffusion  # noqa: E402  (GaussianDiffusion and the diffusers-compatible schedulers, lazily)
 

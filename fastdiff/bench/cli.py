@@ -43,10 +43,10 @@ def add_parser(sub) -> None:
                "  fastdiff bench --ops group_norm_act --block-shape 128x256x16x16 --batch 32\n"
                "  fastdiff bench --ops unet_step --batch 64 --dtype bf16   # bf16: torch.autocast\n"
                "  fastdiff bench --quick   # seconds-long smoke run")
-    p.add_argument("suite", nargs="?", choices=("ops", "train", "sample"), default="ops",
+    p.add_argument("suite", nargs="?", choices=("ops", "train", "sample", "vae"), default="ops",
                    help="ops: the fused operators (default); train: the end-to-end DDPM training step, "
                         "sample: DDPM/DDIM sampling, each against diffusers eager / compiled / patched "
-                        "(see the end-to-end options below)")
+                        "(see the end-to-end options below); vae: AutoencoderKL decode, stock vs patched")
     p.add_argument("--ops", type=_csv, default=None, metavar="OP[,OP...]",
                    help=f"operators to time (default: all), or the families 'elementwise' and 'blocks'. "
                         f"{ops_help}")
@@ -107,6 +107,9 @@ def _header(device: str, malloc_note) -> str:
 
 
 def _cmd_bench(args) -> int:
+    if args.suite == "vae":  # fastdiff.bench.vae: AutoencoderKL decode, stock vs fastdiff.nn.patch
+        from .vae import run_cli as vae_cli
+        return vae_cli(args)
     if args.suite != "ops":
         return run_cli(args.suite, args)
 

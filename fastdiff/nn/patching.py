@@ -11,16 +11,26 @@ in the report's ``skipped``):
   The fused modules hold the *same* Parameter objects under the same names,
   so ``state_dict()`` keys and values do not change, and optimisers holding
   the parameters keep working.
-* diffusers ``ResnetBlock2D`` (``time_embedding_norm`` "default" or
-  "scale_shift", SiLU nonlinearity, GroupNorm norms): the instance's class is
-  swapped for a subclass whose forward makes norm1+SiLU one fused call and
-  norm2 with the time-embedding add (or scale/shift) + SiLU another.
-  Submodules are untouched.
+* diffusers ``ResnetBlock2D`` (``time_embedding_norm`` "default",
+  "scale_shift" or "group", SiLU nonlinearity, GroupNorm norms): the
+  instance's class is swapped for a subclass whose forward makes norm1+SiLU
+  one fused call and norm2 with the time-embedding add (or scale/shift) + SiLU
+  another. "group" is what the ``AutoencoderKL`` decoder's up blocks use: no
+  time-embedding projection, and any ``temb`` passed is ignored, so norm2 is a
+  plain GroupNorm+SiLU. Submodules are untouched. ``ResnetBlockCondNorm2D``
+  (SpatialNorm / AdaGroupNorm conditioned norms: MoVQ-style ``VQModel``
+  decoders with ``norm_type="spatial"``; never ``AutoencoderKL``) is listed in
+  ``skipped``: its norm is followed by a per-pixel scale/shift from convolved
+  latents, which the fused op (per-channel scale/shift) does not express.
 * diffusers ``Attention`` running ``AttnProcessor2_0`` / ``AttnProcessor``:
   :class:`FastdiffAttnProcessor` (fused GroupNorm, ``fastdiff.attention``);
   it falls back to the original processor for attention masks or extra args.
-* diffusers ``UNet2DModel`` / ``UNet2DConditionModel``: ``conv_norm_out`` +
-  ``conv_act`` (SiLU) become one GroupNormAct (+ Identity).
+* diffusers ``UNet2DModel`` / ``UNet2DConditionModel`` and the VAE
+  ``Encoder`` / ``Decoder`` (``AutoencoderKL``, ``VQModel``...): ``conv_norm_out``
+  (a GroupNorm) + ``conv_act`` (SiLU) become one GroupNormAct (+ Identity).
+
+Every resnet, attention and output norm of a diffusers ``AutoencoderKL`` is
+thus fused, in the encoder and the decoder.
 
 Modules with forward hooks, or whose ``forward`` is overridden on the
 instance (e.g. offloading hooks), are skipped. ``unpatch`` restores the
@@ -98,6 +108,12 @@ def _forward_overridden(m: nn.Module) -> bool:
     return "forward" in m.__dict__
 
 
+def _is_pipeline(obj) -> bool:
+    """A diffusers ``DiffusionPipeline`` (duck-typed: a ``components`` dict), which patch/unpatch hand to
+    :func:`fastdiff.nn.pipeline.patch_pipeline` / ``unpatch_pipeline``."""
+    return isinstance(getattr(obj, "components", None), dict)
+
+
 def _plain_sequential(m: nn.Module) -> bool:
     return isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
 
@@ -128,26 +144,30 @@ def _swap(parent: nn.Module, attr: str, new: nn.Module, recs: list, kind: str, n
 
 # --------------------------------------------------------------- diffusers --
 def _diffusers_classes():
-    """(ResnetBlock2D, Attention, (AttnProcessor2_0, AttnProcessor), (UNet2DModel, UNet2DConditionModel)),
-    or None when diffusers cannot be imported."""
+    """(ResnetBlock2D, Attention, (AttnProcessor2_0, AttnProcessor), (UNet2DModel, UNet2DConditionModel,
+    vae Encoder, vae Decoder), (ResnetBlockCondNorm2D,)), or None when diffusers cannot be imported."""
     try:
         from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
-        from diffusers.models.resnet import ResnetBlock2D
+        from diffusers.models.autoencoders.vae import Decoder, Encoder
+        from diffusers.models.resnet import ResnetBlock2D, ResnetBlockCondNorm2D
         from diffusers.models.unets.unet_2d import UNet2DModel
         from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
     except Exception:  # pragma: no cover - diffusers missing or reorganised
         return None
-    return ResnetBlock2D, Attention, (AttnProcessor2_0, AttnProcessor), (UNet2DModel, UNet2DConditionModel)
+    return (ResnetBlock2D, Attention, (AttnProcessor2_0, AttnProcessor),
+            (UNet2DModel, UNet2DConditionModel, Encoder, Decoder), (ResnetBlockCondNorm2D,))
 
 
 def _resnet_fusable(block) -> Optional[str]:
     """None when a ResnetBlock2D's forward can be fused, else the reason why not."""
-    if block.time_embedding_norm not in ("default", "scale_shift"):
+    if block.time_embedding_norm not in ("default", "scale_shift", "group"):
         return f"time_embedding_norm={block.time_embedding_norm!r}"
     if type(block.nonlinearity) is not nn.SiLU:
         return f"nonlinearity {type(block.nonlinearity).__name__} is not SiLU"
     if not (_is_group_norm(block.norm1) and _is_group_norm(block.norm2)):
         return "norm1/norm2 are not nn.GroupNorm"
+    if block.time_embedding_norm == "group" and block.time_emb_proj is not None:
+        return "time_embedding_norm='group' with a time_emb_proj"  # diffusers refuses to build this
     return None
 
 
@@ -158,6 +178,8 @@ class _FusedResnetMixin:
     def forward(self, input_tensor, temb, *args, **kwargs):
         proj = self.time_emb_proj
         plain = not args and kwargs.get("scale", None) is None and _resnet_fusable(self) is None
+        if self.time_embedding_norm == "group":  # diffusers ignores temb here: norm2 is plain GroupNorm
+            temb = None
         if temb is not None:
             plain = plain and proj is not None and temb.dim() == 2  # else the original adds temb as given
         else:
@@ -191,7 +213,12 @@ class _FusedResnetMixin:
             if self.training:
                 input_tensor = input_tensor.contiguous()
             input_tensor = self.conv_shortcut(input_tensor)
-        return (input_tensor + h) / self.output_scale_factor
+        # h is conv2's fresh output, which no backward needs: add (and scale) in place, one pass and no
+        # allocation; a factor of 1 (every VAE and SD U-Net resnet) skips the division diffusers always runs
+        if type(self.conv2) is not nn.Conv2d or h.shape != input_tensor.shape or h.dtype != input_tensor.dtype:
+            return (input_tensor + h) / self.output_scale_factor
+        h = h.add_(input_tensor)
+        return h if self.output_scale_factor == 1 else h.div_(self.output_scale_factor)
 
 
 _FUSED_CLASSES: dict = {}
@@ -301,7 +328,9 @@ def patch(model: nn.Module, attention: bool = True, norms: bool = True) -> Patch
 
     Args:
         model: any ``nn.Module`` (plain PyTorch, diffusers UNet2DModel /
-            UNet2DConditionModel, ...).
+            UNet2DConditionModel, AutoencoderKL, ...), or a diffusers pipeline
+            (then this is :func:`fastdiff.nn.patch_pipeline` with
+            ``scheduler=False``, returning its ``PipelineReport``).
         attention: install :class:`FastdiffAttnProcessor` on diffusers
             ``Attention`` modules.
         norms: fuse GroupNorm(+SiLU) modules and diffusers ``ResnetBlock2D``.
@@ -311,7 +340,10 @@ def patch(model: nn.Module, attention: bool = True, norms: bool = True) -> Patch
     ``state_dict`` is unchanged. Undo with :func:`unpatch`.
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if _is_pipeline(model):
+            from .pipeline import patch_pipeline
+            return patch_pipeline(model, attention=attention, norms=norms)
+        raise TypeError(f"model must be an nn.Module or a diffusers pipeline, got {type(model).__name__}")
     report = PatchReport()
     recs = _records(model)
     owned: set = set()  # ids of norms a fused block now computes itself
@@ -319,7 +351,7 @@ def patch(model: nn.Module, attention: bool = True, norms: bool = True) -> Patch
     uses_diffusers = any(type(m).__module__.startswith("diffusers.") for m in model.modules())
     dc = _diffusers_classes() if uses_diffusers else None
     if dc is not None:
-        ResnetBlock2D, Attention, proc_types, unet_types = dc
+        ResnetBlock2D, Attention, proc_types, unet_types, cond_resnet_types = dc
         for name, m in list(model.named_modules()):
             if norms and type(m) is ResnetBlock2D:
                 why = _resnet_fusable(m) or ("forward overridden on the instance" if _forward_overridden(m) else
@@ -331,6 +363,10 @@ def patch(model: nn.Module, attention: bool = True, norms: bool = True) -> Patch
                 m.__class__ = _fused_class(type(m))
                 owned.update((id(m.norm1), id(m.norm2)))
                 report.add("resnet_block", name)
+            elif norms and type(m) in cond_resnet_types:
+                report.skip(name, f"{type(m).__name__}: its {type(m.norm1).__name__} norms add a per-pixel "
+                                  "(SpatialNorm) or learned (AdaGroupNorm) scale/shift that the fused op does not "
+                                  "express")
             elif norms and isinstance(m, _FusedResnetMixin):
                 owned.update((id(m.norm1), id(m.norm2)))
             elif attention and isinstance(m, Attention):
@@ -393,6 +429,11 @@ def unpatch(model: nn.Module) -> PatchReport:
     """Undo every :func:`patch` of ``model``: original modules (holding the
     current parameters), classes and processors come back, except where the
     user has replaced the patched piece since. Returns what was restored."""
+    if not isinstance(model, nn.Module):
+        if _is_pipeline(model):
+            from .pipeline import unpatch_pipeline
+            return unpatch_pipeline(model)
+        raise TypeError(f"model must be an nn.Module or a diffusers pipeline, got {type(model).__name__}")
     report = PatchReport(action="restored")
     recs = getattr(model, _RECORDS, None) or []
     for rec in reversed(recs):
