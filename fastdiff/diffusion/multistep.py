@@ -443,6 +443,22 @@ class _FusedVP(_FusedMultistep):
 
 
 # ------------------------------------------------------- DPM-Solver++ -------
+class _FlowShift:
+    """The flow-sigma shifts of diffusers' flow schedulers (``time_shift``,
+    ``stretch_shift_to_terminal``), for the schedulers whose config has
+    ``time_shift_type`` and ``shift_terminal``."""
+
+    def time_shift(self, mu: float, sigma: float, t):
+        if self.config.time_shift_type == "exponential":
+            return math.exp(mu) / (math.exp(mu) + (1 / t - 1) ** sigma)
+        return mu / (mu + (1 / t - 1) ** sigma)
+
+    def stretch_shift_to_terminal(self, t):
+        one_minus_z = 1 - t
+        scale = one_minus_z[-1] / (1 - self.config.shift_terminal)
+        return 1 - one_minus_z / scale
+
+
 class FusedDPMSolverMultistepScheduler(_FusedVP):
     """DPM-Solver++ multistep (Lu et al. 2022), diffusers'
     ``DPMSolverMultistepScheduler`` with a fused step. Orders 1-3, midpoint or
@@ -581,7 +597,7 @@ class FusedDPMSolverMultistepScheduler(_FusedVP):
 
 
 # ------------------------------------------------------------- UniPC --------
-class FusedUniPCMultistepScheduler(_FusedVP):
+class FusedUniPCMultistepScheduler(_FlowShift, _FusedVP):
     """UniPC (Zhao et al. 2023), diffusers' ``UniPCMultistepScheduler`` with a
     fused step: the corrector UniC of step i runs inside the kernel of step
     i + 1, before its predictor UniP. bh1/bh2, orders 1-3, all sigma options.
@@ -622,16 +638,6 @@ class FusedUniPCMultistepScheduler(_FusedVP):
         self.model_outputs = [None] * solver_order
         self.timestep_list = [None] * solver_order
         self.lower_order_nums = 0
-
-    def time_shift(self, mu: float, sigma: float, t):
-        if self.config.time_shift_type == "exponential":
-            return math.exp(mu) / (math.exp(mu) + (1 / t - 1) ** sigma)
-        return mu / (mu + (1 / t - 1) ** sigma)
-
-    def stretch_shift_to_terminal(self, t):
-        one_minus_z = 1 - t
-        scale = one_minus_z[-1] / (1 - self.config.shift_terminal)
-        return 1 - one_minus_z / scale
 
     def set_timesteps(self, num_inference_steps: Optional[int] = None, device: Union[str, torch.device] = None,
                       sigmas: Optional[Sequence[float]] = None, mu: Optional[float] = None) -> None:
@@ -1006,7 +1012,7 @@ class FusedEulerAncestralDiscreteScheduler(_FusedVE):
 
 
 # ------------------------------------------------------ flow matching -------
-class FusedFlowMatchEulerDiscreteScheduler(_FusedMultistep):
+class FusedFlowMatchEulerDiscreteScheduler(_FlowShift, _FusedMultistep):
     """Flow-matching Euler, diffusers' ``FlowMatchEulerDiscreteScheduler``
     with a fused step: x_s = (1 - s) x0 + s eps, prev = x + (s_next - s) v
     (or, with ``stochastic_sampling``, prev = (1 - s_next) x0 + s_next z)."""
@@ -1051,16 +1057,6 @@ class FusedFlowMatchEulerDiscreteScheduler(_FusedMultistep):
 
     def set_shift(self, shift: float) -> None:
         self._shift = shift
-
-    def time_shift(self, mu: float, sigma: float, t):
-        if self.config.time_shift_type == "exponential":
-            return math.exp(mu) / (math.exp(mu) + (1 / t - 1) ** sigma)
-        return mu / (mu + (1 / t - 1) ** sigma)
-
-    def stretch_shift_to_terminal(self, t):
-        one_minus_z = 1 - t
-        scale = one_minus_z[-1] / (1 - self.config.shift_terminal)
-        return 1 - one_minus_z / scale
 
     def _sigma_to_t(self, sigma):
         return sigma * self.config.num_train_timesteps
