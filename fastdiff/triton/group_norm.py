@@ -25,6 +25,17 @@ loses, so y stays accurate to its own rounding for inputs offset by 1e3.
   E[x^2] - E[x]^2 cancellation however many tiles; pass 2 re-reads the group
   and writes y.
 
+* split (few large groups: N * G programs would leave SMs idle, e.g. a VAE
+  decode at 1x128x512x512 with 32 groups): each group's positions are cut
+  into chunks, grid ``(N * G, chunks)``. Pass 1 (_gn_split_stats_kernel)
+  writes each chunk's (K, mean(d), M2(d)) as the looping pass 1 does, with K
+  the group's first-tile mean computed identically by every chunk; a combine
+  in torch on the device (Chan et al., no host sync) gives mean/rstd; pass 2
+  (_gn_split_apply_kernel) writes y of its chunk as the looping pass 2 does.
+  ``split_plan`` chooses (SMs from the device; CPU_SMS off the GPU); the
+  launcher's ``split=`` forces it (tests). Forward only: the backward keeps
+  one program per (n, g).
+
 Backward, per (n, g): pass 1 recomputes xhat, z and silu'(z), and reduces the
 per-channel A = sum_s dz, B = sum_s dz xhat, which give the group's
 s1 = mean(g dz) and s2 = mean(g dz xhat) (g = weight (1 + scale)); pass 2
@@ -38,6 +49,7 @@ Nothing here synchronises with the host: the launch geometry depends on shapes o
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -67,14 +79,15 @@ class _Geometry:
     tile holds the whole group (single), and the warps. ``block`` (tests)
     overrides both tile budgets."""
 
-    def __init__(self, kind: str, D: int, S: int, channels_last: bool, f64: bool, block: Optional[int]):
+    def __init__(self, kind: str, D: int, S: int, channels_last: bool, f64: bool, block: Optional[int],
+                 loop: bool = False):
         single_max, loop_tile = (block, block) if block else (SINGLE_MAX[kind], LOOP_TILE[kind])
         if f64 and not block:
             single_max, loop_tile = single_max // 2, loop_tile // 2
         # the contiguous extent gets its full power of two first, the other axis what is left
         ext_c, ext_o = (D, S) if channels_last else (S, D)
         pc, po = triton.next_power_of_2(ext_c), triton.next_power_of_2(ext_o)
-        self.single = pc * po <= single_max
+        self.single = pc * po <= single_max and not loop  # loop: looping-path tiles (the split kernels)
         if self.single:
             bc, bo = pc, po
         else:
@@ -247,6 +260,94 @@ def _gn_fwd_kernel(x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, add_ptr, sc_p
     tl.store(rstd_ptr + pid, rstd.to(rstd_ptr.dtype.element_ty))
 
 
+# ------------------------------------------------- split forward (stats, combine, apply) ---
+@triton.jit
+def _gn_split_stats_kernel(x_ptr, add_ptr, part_ptr, C, S, G, D, CS, SPLIT,
+                           HAS_ADD: tl.constexpr, CL: tl.constexpr, ACC: tl.constexpr,
+                           BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, I64: tl.constexpr):
+    """Pass 1 of the split forward: program (group pid, chunk j) reduces the
+    positions [j CS, min(S, (j + 1) CS)) of all the group's channels to
+    (K, mean(d), M2(d)) of d = (x - K) + add, written to part[pid, j, 0:3].
+    K is the mean of the group's first tile, the same in every chunk (each
+    program computes it: one cache-hot tile), so the chunks' (count, mean, M2)
+    combine exactly (Chan et al.) without re-centring large means."""
+    pid = tl.program_id(0)
+    j = tl.program_id(1)
+    n, g, base = _group_base(pid, C, S, G, D, CL)
+    xg = x_ptr + base
+    d_1, offs_1, mask_1 = _tile(0, 0, D, S, C, BLOCK_D, BLOCK_S, CL, I64)
+    c_1 = g * D + d_1
+    add_1 = tl.load(add_ptr + n * C + c_1, mask=d_1 < D, other=0.0).to(ACC) if HAS_ADD else tl.zeros([BLOCK_D], ACC)
+    x_1 = tl.load(xg + offs_1, mask=mask_1, other=0.0).to(ACC)
+    k_1 = (tl.zeros([], ACC) + tl.minimum(D, BLOCK_D)) * tl.minimum(S, BLOCK_S)
+    K = tl.sum(tl.sum(tl.where(mask_1, x_1 + _cvec(add_1, CL), 0.0), axis=1), axis=0) / k_1
+    s_lo = j * CS
+    s_hi = tl.minimum(S, s_lo + CS)  # CS is a multiple of BLOCK_S: tiles never cross into the next chunk
+    k = tl.zeros([], ACC)
+    md = tl.zeros([], ACC)
+    m2 = tl.zeros([], ACC)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        c = g * D + d
+        add = tl.load(add_ptr + n * C + c, mask=d < D, other=0.0).to(ACC) if HAS_ADD else tl.zeros([BLOCK_D], ACC)
+        add_c = _cvec(add, CL)
+        nd = tl.minimum(D - d0, BLOCK_D)
+        for s0 in range(s_lo, s_hi, BLOCK_S):
+            d_t, offs, mask = _tile(d0, s0, D, S, C, BLOCK_D, BLOCK_S, CL, I64)
+            x = tl.load(xg + offs, mask=mask, other=0.0).to(ACC)
+            dd = tl.where(mask, (x - K) + add_c, 0.0)
+            kb = (tl.zeros([], ACC) + nd) * tl.minimum(S - s0, BLOCK_S)
+            mb = tl.sum(tl.sum(dd, axis=1), axis=0) / kb
+            db = tl.where(mask, dd - mb, 0.0)
+            m2b = tl.sum(tl.sum(db * db, axis=1), axis=0)
+            kn = k + kb
+            delta = mb - md
+            md += delta * (kb / kn)
+            m2 += m2b + delta * delta * (k * kb / kn)
+            k = kn
+    o = (pid * SPLIT + j) * 3
+    tl.store(part_ptr + o, K)
+    tl.store(part_ptr + o + 1, md)
+    tl.store(part_ptr + o + 2, m2)
+
+
+@triton.jit
+def _gn_split_apply_kernel(x_ptr, y_ptr, k_ptr, md_ptr, rstd_ptr, w_ptr, b_ptr, add_ptr, sc_ptr, sh_ptr,
+                           C, S, G, D, CS,
+                           HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_ADD: tl.constexpr, HAS_SC: tl.constexpr,
+                           HAS_SH: tl.constexpr, SILU: tl.constexpr, CL: tl.constexpr, ACC: tl.constexpr,
+                           BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, I64: tl.constexpr):
+    """Pass 3 of the split forward: program (group pid, chunk j) writes y of
+    its chunk from the combined (K, mean(d), rstd), as pass 2 of the looping
+    kernel does."""
+    pid = tl.program_id(0)
+    j = tl.program_id(1)
+    n, g, base = _group_base(pid, C, S, G, D, CL)
+    xg = x_ptr + base
+    yg = y_ptr + base
+    K = tl.load(k_ptr + pid).to(ACC)
+    md = tl.load(md_ptr + pid).to(ACC)
+    rstd = tl.load(rstd_ptr + pid).to(ACC)
+    s_lo = j * CS
+    s_hi = tl.minimum(S, s_lo + CS)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        dm = d < D
+        c = g * D + d
+        add, w, b, sc1, sh = _params(w_ptr, b_ptr, add_ptr, sc_ptr, sh_ptr, c, n * C + c, dm,
+                                     HAS_W, HAS_B, HAS_ADD, HAS_SC, HAS_SH, ACC)
+        addm_c = _cvec(add - md, CL)
+        a_c = _cvec(rstd * w * sc1, CL)
+        b_c = _cvec(b * sc1 + sh, CL)
+        for s0 in range(s_lo, s_hi, BLOCK_S):
+            d_t, offs, mask = _tile(d0, s0, D, S, C, BLOCK_D, BLOCK_S, CL, I64)
+            x = tl.load(xg + offs, mask=mask, other=0.0).to(ACC)
+            z = ((x - K) + addm_c) * a_c + b_c
+            if SILU:
+                z = z * _sigmoid(z)
+            tl.store(yg + offs, z.to(y_ptr.dtype.element_ty), mask=mask)
+
+
 @triton.jit
 def _bwd_tile(dyg, xg, offs, mask, mean, add_c, rstd, gz_c, beta_c, SILU: tl.constexpr, CL: tl.constexpr,
               ACC: tl.constexpr):
@@ -416,11 +517,13 @@ def _i64(C: int, S: int) -> bool:
 @CM.on_tensor_device
 def group_norm_act(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], add: Optional[Tensor],
                    scale: Optional[Tensor], shift: Optional[Tensor], groups: int, eps: float, silu: bool,
-                   *, block: Optional[int] = None):
+                   *, block: Optional[int] = None, split: Optional[int] = None):
     """Schema ``group_norm_act(x, weight?, bias?, add?, scale?, shift?, groups, eps, silu) -> (y, mean, rstd)``.
 
     ``block`` (tests only) caps the tile size in elements, forcing the looping
-    path for groups larger than it."""
+    path for groups larger than it. ``split`` (tests only) forces the split
+    path with that many chunks per group (fewer when S has fewer tiles);
+    None lets ``split_plan`` choose."""
     xc, cl, N, C, S, G, D, vecs = _prepare(x, weight, bias, add, scale, shift, groups)
     sd = gn_stat_dtype(x)
     y = gn_empty_like(xc)
@@ -428,7 +531,12 @@ def group_norm_act(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], 
     rstd = torch.empty((N, G), dtype=sd, device=x.device)
     if N == 0:
         return y, mean, rstd
-    geo = _Geometry("fwd", D, S, cl, x.dtype == torch.float64, block)
+    f64 = x.dtype == torch.float64
+    plan = split_plan(N, G, D, S, cl, f64, _sm_count(x.device), block=block, split=split)
+    if plan is not None:
+        _split_forward(xc, y, mean, rstd, vecs, C, S, G, D, eps, silu, cl, plan)
+        return y, mean, rstd
+    geo = _Geometry("fwd", D, S, cl, f64, block)
     dummy = mean
     _gn_fwd_kernel[(N * G,)](
         xc, y, mean, rstd, *(dummy if v is None else v for v in vecs),
@@ -436,6 +544,97 @@ def group_norm_act(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], 
         SILU=bool(silu), CL=cl, ACC=CM.acc_dtype(x.dtype), BLOCK_D=geo.block_d, BLOCK_S=geo.block_s,
         SINGLE=geo.single, I64=_i64(C, S), num_warps=geo.num_warps, **_flags(vecs))
     return y, mean, rstd
+
+
+# The split forward (few large groups): each group's positions are cut into
+# chunks, one program per (group, chunk): stats -> combine (torch, on the
+# device) -> apply. UNTUNED on a GPU: split when N * G programs leave SMs idle
+# (N * G < SMs), into about SPLIT_PROGRAMS_PER_SM * SMs programs, each chunk at
+# least SPLIT_MIN_CHUNK elements. Off the GPU (the interpreter) CPU_SMS stands in.
+SPLIT_PROGRAMS_PER_SM = 4
+SPLIT_MIN_CHUNK = 4 * LOOP_TILE["fwd"]
+CPU_SMS = 16
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return CPU_SMS
+
+
+class SplitPlan:
+    """chunks per group, chunk length CS (positions, a multiple of the tile's
+    BLOCK_S) and the looping tile geometry of the split kernels."""
+
+    def __init__(self, chunks: int, cs: int, geo: _Geometry):
+        self.chunks, self.cs, self.geo = chunks, cs, geo
+
+    def __repr__(self):
+        return f"SplitPlan(chunks={self.chunks}, cs={self.cs}, block_d={self.geo.block_d}, block_s={self.geo.block_s})"
+
+
+def split_plan(N: int, G: int, D: int, S: int, channels_last: bool, f64: bool, sms: int, *,
+               block: Optional[int] = None, split: Optional[int] = None) -> Optional[SplitPlan]:
+    """The split forward's plan for a call, or None for the one-program-per-group
+    kernel. ``split`` forces the split path with at most that many chunks."""
+    if N * G == 0:
+        return None
+    if split is None:
+        if _Geometry("fwd", D, S, channels_last, f64, block).single or N * G >= sms:
+            return None
+        want = -(-SPLIT_PROGRAMS_PER_SM * sms // (N * G))
+        split = min(want, (D * S) // SPLIT_MIN_CHUNK)
+        if split < 2:
+            return None
+        forced = False
+    else:
+        split = int(split)
+        if split < 1:
+            raise ValueError(f"fastdiff: split must be a positive number of chunks, got {split}")
+        forced = True
+    geo = _Geometry("fwd", D, S, channels_last, f64, block, loop=True)
+    per = -(-S // split)
+    cs = -(-per // geo.block_s) * geo.block_s
+    chunks = -(-S // cs)
+    if chunks < 2 and not forced:
+        return None
+    return SplitPlan(chunks, cs, geo)
+
+
+def _split_forward(xc, y, mean, rstd, vecs, C, S, G, D, eps, silu, cl, plan: SplitPlan):
+    N = xc.size(0)
+    NG, P = N * G, plan.chunks
+    f64 = xc.dtype == torch.float64
+    acc_t = torch.float64 if f64 else torch.float32
+    dev = xc.device
+    part = torch.empty((NG, P, 3), dtype=acc_t, device=dev)
+    geo = plan.geo
+    w, b, add, sc, sh = vecs
+    i64 = _i64(C, S)
+    _gn_split_stats_kernel[(NG, P)](
+        xc, part if add is None else add, part, C, S, G, D, plan.cs, P,
+        HAS_ADD=add is not None, CL=cl, ACC=CM.acc_dtype(xc.dtype), BLOCK_D=geo.block_d, BLOCK_S=geo.block_s,
+        I64=i64, num_warps=geo.num_warps)
+    # combine (Chan et al.) on the device, no host sync: every chunk has the same shift K
+    cnt = torch.clamp(S - torch.arange(P, device=dev, dtype=acc_t) * plan.cs, max=plan.cs) * D  # [P]
+    K = part[:, 0, 0].contiguous()
+    mj, m2j = part[:, :, 1], part[:, :, 2]
+    md = (mj * cnt).sum(1) / (D * S)
+    m2 = m2j.sum(1) + ((mj - md[:, None]).square() * cnt).sum(1)
+    r = 1.0 / torch.sqrt(m2 / (D * S) + eps)
+    mean.copy_((K + md).view(N, G))
+    rstd.copy_(r.view(N, G))
+    dummy = part
+    _gn_split_apply_kernel[(NG, P)](
+        xc, y, K, md, r, *(dummy if v is None else v for v in vecs),
+        C, S, G, D, plan.cs,
+        SILU=bool(silu), CL=cl, ACC=CM.acc_dtype(xc.dtype), BLOCK_D=geo.block_d, BLOCK_S=geo.block_s,
+        I64=i64, num_warps=geo.num_warps, **_flags(vecs))
 
 
 def _check_stat(s: Tensor, xc: Tensor, N: int, G: int, name: str) -> Tensor:
