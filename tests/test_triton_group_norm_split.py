@@ -1,6 +1,7 @@
-"""The split forward of the Triton GroupNorm (fastdiff.triton.group_norm:
-stats per (group, chunk), combine on the device, apply), for few large groups
-(a VAE decode at 1x128x512x512 with 32 groups is 32 programs otherwise).
+"""The split forward and backward of the Triton GroupNorm
+(fastdiff.triton.group_norm: per (group, chunk) partials, combine on the
+device, apply), for few large groups (a VAE decode at 1x128x512x512 with 32
+groups is 32 programs otherwise).
 
 Parity against the float64 reference with the split forced (``split=``) on
 tiny shapes under the interpreter, and the default choice (``split_plan``):
@@ -70,7 +71,38 @@ def _check(args, G, silu, block, split, tol_stats, tol_y=None):
     if tol_y is None:
         tol_y = tol_stats
     assert errs["y"] <= tol_y and errs["mean"] <= tol_stats and errs["rstd"] <= tol_stats, errs
+    _check_bwd(args, mean, rstd, G, silu, block, split, tol_stats)
     return y, ref
+
+
+NAMES = ("dx", "dweight", "dbias", "dadd", "dscale", "dshift")
+
+
+def _check_bwd(args, mean, rstd, G, silu, block, split, tol):
+    """The split backward against the float64 reference backward (from the
+    same saved statistics): within ``tol`` (float32/64), or for fp16/bf16 dx
+    within 2x the one-program kernel's error + one eps; shapes, dtypes and dx's
+    strides as that kernel's."""
+    x = args[0]
+    gen = torch.Generator().manual_seed(5)
+    dy = torch.randn(x.shape, generator=gen, dtype=torch.float64).to(x.dtype).to(DEV)
+    grads = tgn.group_norm_act_backward(dy, *args, mean, rstd, G, silu, block=block, split=split)
+    grads1 = tgn.group_norm_act_backward(dy, *args, mean, rstd, G, silu, block=block)
+    cpu = [None if v is None else v.cpu() for v in (dy, *args, mean, rstd)]
+    ref = refb.group_norm_act_backward(*cpu, G, silu)
+    assert grads[0].stride() == grads1[0].stride()
+    bad = {}
+    for name, a, a1, r in zip(NAMES, grads, grads1, ref):
+        assert a.shape == a1.shape and a.dtype == a1.dtype, name
+        if r is None or a.numel() == 0:
+            assert a.numel() == 0 and a1.numel() == 0
+            continue
+        lim = tol
+        if a.dtype in (torch.float16, torch.bfloat16):
+            lim = 2 * _err(a1, r) + torch.finfo(a.dtype).eps
+        if not _err(a, r) <= lim:
+            bad[name] = (_err(a, r), lim)
+    assert not bad, f"backward errors over their limits: {bad}"
 
 
 CASES = [  # (shape, G, layout, block, split): chunk counts 2..4, partial last chunks, d-tiles, ranks 2..5
@@ -111,6 +143,7 @@ def test_offset_nonstationary_group():
     ref = refb.group_norm_act(x.cpu(), w.cpu(), b.cpu(), None, None, None, 1, 1e-5, False)
     assert (mean.cpu().double() - ref[1]).abs().max().item() <= 1e-7 * 1e3
     assert _err(y, ref[0]) <= 2e-6 and _err(rstd, ref[2]) <= 2e-6
+    _check_bwd((x, w, b, None, None, None), mean, rstd, 1, False, LOOP, 2, 2e-6)
 
 
 @pytest.mark.parametrize("dtype,layout", [(torch.float16, "cl"), (torch.bfloat16, "nchw")])
@@ -135,17 +168,21 @@ def test_default_path_splits_when_few_large_groups(monkeypatch):
     """With nothing forced the launcher takes the split path exactly when
     split_plan says so (thresholds shrunk so that a tiny shape qualifies)."""
     monkeypatch.setattr(tgn, "SPLIT_MIN_CHUNK", 8)
-    calls = []
-    real = tgn._split_forward
+    calls, bcalls = [], []
+    real, breal = tgn._split_forward, tgn._split_backward
     monkeypatch.setattr(tgn, "_split_forward", lambda *a: calls.append(a[-1]) or real(*a))
+    monkeypatch.setattr(tgn, "_split_backward", lambda *a: bcalls.append(a[-1]) or breal(*a))
     args = _inputs((1, 4, 9, 7), 2, layout="cl")
     _check(args, 2, True, LOOP, None, 2e-5)
-    assert len(calls) == 2 and calls[0].chunks >= 2  # the forced call of _check and the default one
+    # the forced calls of _check and the default ones
+    assert len(calls) == 2 and calls[1].chunks >= 2 and len(bcalls) == 2 and bcalls[1].chunks >= 2
     calls.clear()
+    bcalls.clear()
     monkeypatch.setattr(tgn, "CPU_SMS", 2)  # N * G = 2 programs fill the "GPU": no split
     if not HAS_CUDA:
-        tgn.group_norm_act(*args, 2, 1e-5, True, block=LOOP)
-        assert not calls
+        y, mean, rstd = tgn.group_norm_act(*args, 2, 1e-5, True, block=LOOP)
+        tgn.group_norm_act_backward(y, *args, mean, rstd, 2, True, block=LOOP)
+        assert not calls and not bcalls
 
 
 SMS = 132  # an H100/H200
@@ -159,6 +196,8 @@ def test_split_plan_vae_shapes(cl):
     assert p is not None and SMS <= 32 * p.chunks <= 32 * want and p.chunks >= want // 2
     assert p.cs % p.geo.block_s == 0 and (p.chunks - 1) * p.cs < 512 * 512 <= p.chunks * p.cs
     assert not p.geo.single and p.geo.block_d * p.geo.block_s <= tgn.LOOP_TILE["fwd"]
+    pb = tgn.split_plan(1, 32, 4, 512 * 512, cl, False, SMS, kind="bwd")  # the backward's warps per tile
+    assert pb is not None and pb.chunks == p.chunks and pb.geo.num_warps >= p.geo.num_warps
     # 8x128x256x256: 256 programs already cover 132 SMs -> one program per group
     assert tgn.split_plan(8, 32, 4, 256 * 256, cl, False, SMS) is None
     # the same group on a smaller GPU (or the CPU stand-in) with few samples: split

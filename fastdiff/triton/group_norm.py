@@ -33,8 +33,10 @@ loses, so y stays accurate to its own rounding for inputs offset by 1e3.
   in torch on the device (Chan et al., no host sync) gives mean/rstd; pass 2
   (_gn_split_apply_kernel) writes y of its chunk as the looping pass 2 does.
   ``split_plan`` chooses (SMs from the device; CPU_SMS off the GPU); the
-  launcher's ``split=`` forces it (tests). Forward only: the backward keeps
-  one program per (n, g).
+  launcher's ``split=`` forces it (tests). The backward splits the same way:
+  per-chunk per-channel A, B (_gn_split_bwd_sums_kernel), their sums, s1, s2
+  and the A/B-only gradients in torch, then dx and per-chunk d add partials
+  (_gn_split_bwd_dx_kernel), summed in torch (fixed order: deterministic).
 
 Backward, per (n, g): pass 1 recomputes xhat, z and silu'(z), and reduces the
 per-channel A = sum_s dz, B = sum_s dz xhat, which give the group's
@@ -378,6 +380,85 @@ def _bwd_store_vecs(A, B, w, b, sc1, nc, dm, dsc_ptr, dsh_ptr, wa_ptr, wb_ptr,
 
 
 @triton.jit
+def _gn_split_bwd_sums_kernel(dy_ptr, x_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, add_ptr, sc_ptr, sh_ptr, ab_ptr,
+                              C, S, G, D, CS, SPLIT,
+                              HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_ADD: tl.constexpr, HAS_SC: tl.constexpr,
+                              HAS_SH: tl.constexpr, SILU: tl.constexpr, CL: tl.constexpr, ACC: tl.constexpr,
+                              BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, I64: tl.constexpr):
+    """Pass 1 of the split backward: program (group pid, chunk j) writes its
+    chunk's per-channel A = sum dz, B = sum dz xhat to ab[pid, j, 0:2, :]."""
+    pid = tl.program_id(0)
+    j = tl.program_id(1)
+    n, g, base = _group_base(pid, C, S, G, D, CL)
+    xg = x_ptr + base
+    dyg = dy_ptr + base
+    mean = tl.load(mean_ptr + pid).to(ACC)
+    rstd = tl.load(rstd_ptr + pid).to(ACC)
+    s_lo = j * CS
+    s_hi = tl.minimum(S, s_lo + CS)
+    o = (pid * SPLIT + j) * 2 * D
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        dm = d < D
+        c = g * D + d
+        add, w, b, sc1, sh = _params(w_ptr, b_ptr, add_ptr, sc_ptr, sh_ptr, c, n * C + c, dm,
+                                     HAS_W, HAS_B, HAS_ADD, HAS_SC, HAS_SH, ACC)
+        add_c = _cvec(add, CL)
+        gz_c = _cvec(w * sc1, CL)
+        beta_c = _cvec(b * sc1 + sh, CL)
+        A = tl.zeros([BLOCK_D], ACC)
+        B = tl.zeros([BLOCK_D], ACC)
+        for s0 in range(s_lo, s_hi, BLOCK_S):
+            d_t, offs, mask = _tile(d0, s0, D, S, C, BLOCK_D, BLOCK_S, CL, I64)
+            xhat, dz = _bwd_tile(dyg, xg, offs, mask, mean, add_c, rstd, gz_c, beta_c, SILU, CL, ACC)
+            A += _ssum(dz, CL)
+            B += _ssum(dz * xhat, CL)
+        tl.store(ab_ptr + o + d, A, mask=dm)
+        tl.store(ab_ptr + o + D + d, B, mask=dm)
+
+
+@triton.jit
+def _gn_split_bwd_dx_kernel(dy_ptr, x_ptr, mean_ptr, rstd_ptr, s1_ptr, s2_ptr, w_ptr, b_ptr, add_ptr, sc_ptr, sh_ptr,
+                            dx_ptr, dpart_ptr, C, S, G, D, CS, SPLIT,
+                            HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_ADD: tl.constexpr, HAS_SC: tl.constexpr,
+                            HAS_SH: tl.constexpr, SILU: tl.constexpr, CL: tl.constexpr, ACC: tl.constexpr,
+                            BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, I64: tl.constexpr):
+    """Pass 2 of the split backward: dx of the chunk from the combined s1, s2,
+    and (with add) the chunk's per-channel sums of dx to dpart[pid, j, :]."""
+    pid = tl.program_id(0)
+    j = tl.program_id(1)
+    n, g, base = _group_base(pid, C, S, G, D, CL)
+    xg = x_ptr + base
+    dyg = dy_ptr + base
+    dxg = dx_ptr + base
+    mean = tl.load(mean_ptr + pid).to(ACC)
+    rstd = tl.load(rstd_ptr + pid).to(ACC)
+    s1 = tl.load(s1_ptr + pid).to(ACC)
+    s2 = tl.load(s2_ptr + pid).to(ACC)
+    s_lo = j * CS
+    s_hi = tl.minimum(S, s_lo + CS)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        dm = d < D
+        c = g * D + d
+        add, w, b, sc1, sh = _params(w_ptr, b_ptr, add_ptr, sc_ptr, sh_ptr, c, n * C + c, dm,
+                                     HAS_W, HAS_B, HAS_ADD, HAS_SC, HAS_SH, ACC)
+        add_c = _cvec(add, CL)
+        gz_c = _cvec(w * sc1, CL)
+        beta_c = _cvec(b * sc1 + sh, CL)
+        dsum = tl.zeros([BLOCK_D], ACC)
+        for s0 in range(s_lo, s_hi, BLOCK_S):
+            d_t, offs, mask = _tile(d0, s0, D, S, C, BLOCK_D, BLOCK_S, CL, I64)
+            xhat, dz = _bwd_tile(dyg, xg, offs, mask, mean, add_c, rstd, gz_c, beta_c, SILU, CL, ACC)
+            dx = rstd * (dz * gz_c - s1 - xhat * s2)
+            tl.store(dxg + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            if HAS_ADD:
+                dsum += _ssum(tl.where(mask, dx, 0.0), CL)
+        if HAS_ADD:
+            tl.store(dpart_ptr + (pid * SPLIT + j) * D + d, dsum, mask=dm)
+
+
+@triton.jit
 def _gn_bwd_kernel(dy_ptr, x_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, add_ptr, sc_ptr, sh_ptr,
                    dx_ptr, dadd_ptr, dsc_ptr, dsh_ptr, wa_ptr, wb_ptr,
                    C, S, G, D,
@@ -579,13 +660,13 @@ class SplitPlan:
 
 
 def split_plan(N: int, G: int, D: int, S: int, channels_last: bool, f64: bool, sms: int, *,
-               block: Optional[int] = None, split: Optional[int] = None) -> Optional[SplitPlan]:
+               block: Optional[int] = None, split: Optional[int] = None, kind: str = "fwd") -> Optional[SplitPlan]:
     """The split forward's plan for a call, or None for the one-program-per-group
     kernel. ``split`` forces the split path with at most that many chunks."""
     if N * G == 0:
         return None
     if split is None:
-        if _Geometry("fwd", D, S, channels_last, f64, block).single or N * G >= sms:
+        if _Geometry(kind, D, S, channels_last, f64, block).single or N * G >= sms:
             return None
         want = -(-SPLIT_PROGRAMS_PER_SM * sms // (N * G))
         split = min(want, (D * S) // SPLIT_MIN_CHUNK)
@@ -597,7 +678,7 @@ def split_plan(N: int, G: int, D: int, S: int, channels_last: bool, f64: bool, s
         if split < 1:
             raise ValueError(f"fastdiff: split must be a positive number of chunks, got {split}")
         forced = True
-    geo = _Geometry("fwd", D, S, channels_last, f64, block, loop=True)
+    geo = _Geometry(kind, D, S, channels_last, f64, block, loop=True)
     per = -(-S // split)
     cs = -(-per // geo.block_s) * geo.block_s
     chunks = -(-S // cs)
@@ -637,6 +718,52 @@ def _split_forward(xc, y, mean, rstd, vecs, C, S, G, D, eps, silu, cl, plan: Spl
         I64=i64, num_warps=geo.num_warps, **_flags(vecs))
 
 
+def _split_backward(dy, xc, mean, rstd, vecs, dx, dadd, dscale, dshift, wa, wb, C, S, G, D, silu, cl,
+                    plan: SplitPlan):
+    """Split backward: per-chunk A, B (kernel) -> their sums, s1, s2 and the
+    A/B-only gradients (torch on the device) -> dx and per-chunk d add (kernel)."""
+    N = xc.size(0)
+    NG, P = N * G, plan.chunks
+    acc_t = torch.float64 if xc.dtype == torch.float64 else torch.float32
+    dev = xc.device
+    geo = plan.geo
+    w, b, add, sc, sh = vecs
+    i64 = _i64(C, S)
+    acc = CM.acc_dtype(xc.dtype)
+    ab = torch.empty((NG, P, 2, D), dtype=acc_t, device=dev)
+    dummy = ab
+    vargs = [dummy if v is None else v for v in vecs]
+    _gn_split_bwd_sums_kernel[(NG, P)](
+        dy, xc, mean, rstd, *vargs, ab, C, S, G, D, plan.cs, P,
+        SILU=bool(silu), CL=cl, ACC=acc, BLOCK_D=geo.block_d, BLOCK_S=geo.block_s, I64=i64,
+        num_warps=geo.num_warps, **_flags(vecs))
+    AB = ab.sum(1)  # [NG, 2, D]: fixed order, deterministic
+    A = AB[:, 0].reshape(N, C)
+    B = AB[:, 1].reshape(N, C)
+    sc1 = 1.0 + sc.to(acc_t) if sc is not None else torch.ones((), dtype=acc_t, device=dev)
+    wv = w.to(acc_t) if w is not None else torch.ones((), dtype=acc_t, device=dev)
+    bv = b.to(acc_t) if b is not None else torch.zeros((), dtype=acc_t, device=dev)
+    gz = wv * sc1
+    cnt = D * S
+    s1 = ((gz * A).reshape(NG, D).sum(1) / cnt).contiguous()
+    s2 = ((gz * B).reshape(NG, D).sum(1) / cnt).contiguous()
+    if sh is not None:
+        dshift.copy_(A)
+    if sc is not None:
+        dscale.copy_(wv * B + bv * A)
+    if b is not None:
+        wa.copy_(sc1 * A)
+    if w is not None:
+        wb.copy_(sc1 * B)
+    dpart = torch.empty((NG, P, D) if add is not None else (1,), dtype=acc_t, device=dev)
+    _gn_split_bwd_dx_kernel[(NG, P)](
+        dy, xc, mean, rstd, s1, s2, *vargs, dx, dpart, C, S, G, D, plan.cs, P,
+        SILU=bool(silu), CL=cl, ACC=acc, BLOCK_D=geo.block_d, BLOCK_S=geo.block_s, I64=i64,
+        num_warps=geo.num_warps, **_flags(vecs))
+    if add is not None:
+        dadd.copy_(dpart.sum(1).reshape(N, C))
+
+
 def _check_stat(s: Tensor, xc: Tensor, N: int, G: int, name: str) -> Tensor:
     sd = gn_stat_dtype(xc)
     if not isinstance(s, torch.Tensor) or s.dim() != 2 or tuple(s.shape) != (N, G) or s.dtype != sd \
@@ -662,11 +789,13 @@ def _match_grad(grad_y: Tensor, xc: Tensor, cl: bool) -> Tensor:
 @CM.on_tensor_device
 def group_norm_act_backward(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                             add: Optional[Tensor], scale: Optional[Tensor], shift: Optional[Tensor],
-                            mean: Tensor, rstd: Tensor, groups: int, silu: bool, *, block: Optional[int] = None):
+                            mean: Tensor, rstd: Tensor, groups: int, silu: bool, *, block: Optional[int] = None,
+                            split: Optional[int] = None):
     """Schema ``group_norm_act_backward(grad_y, x, weight?, bias?, add?, scale?, shift?, mean, rstd, groups, silu)
     -> (dx, dweight, dbias, dadd, dscale, dshift)``; an absent input's gradient is an empty (0,) tensor.
 
-    ``block`` (tests only) caps the tile size in elements, forcing the looping path."""
+    ``block`` (tests only) caps the tile size in elements, forcing the looping path;
+    ``split`` (tests only) forces the split path, as in the forward."""
     xc, cl, N, C, S, G, D, vecs = _prepare(x, weight, bias, add, scale, shift, groups)
     mean = _check_stat(mean, xc, N, G, "mean")
     rstd = _check_stat(rstd, xc, N, G, "rstd")
@@ -681,7 +810,11 @@ def group_norm_act_backward(grad_y: Tensor, x: Tensor, weight: Optional[Tensor],
     dx = gn_empty_like(xc)
     dadd, dscale, dshift = nc_or_empty(add_ is not None), nc_or_empty(sc is not None), nc_or_empty(sh is not None)
     wa, wb = nc_or_empty(b is not None), nc_or_empty(w is not None)  # (1 + scale) A, (1 + scale) B per (n, c)
-    if N > 0:
+    plan = split_plan(N, G, D, S, cl, x.dtype == torch.float64, _sm_count(dev), block=block, split=split,
+                      kind="bwd") if N > 0 else None
+    if plan is not None:
+        _split_backward(dy, xc, mean, rstd, vecs, dx, dadd, dscale, dshift, wa, wb, C, S, G, D, silu, cl, plan)
+    elif N > 0:
         geo = _Geometry("bwd", D, S, cl, x.dtype == torch.float64, block)
         dummy = mean
         outs = [dummy if t.numel() == 0 else t for t in (dadd, dscale, dshift, wa, wb)]
