@@ -151,6 +151,22 @@ def cases(full: bool):
                                                                                              1e-5, True)))
                 out.append((f"gn bwd {tag}", lambda x=x, v=vec, nc=nc, st=stat, G=G: ft.group_norm_act_backward(
                     x, x, v, v, nc, nc, nc, st, st, G, True)))
+    # GroupNorm split forward and backward (partials + apply kernels; the looping tiles), both layouts
+    for dt in dtypes:
+        for shape in ((2, 64, 64, 64), (1, 12, 5, 7)) if full else ((2, 64, 64, 64),):
+            for cl in (False, True):
+                N, C = shape[:2]
+                x = torch.randn(shape).to(dt)
+                if cl:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                sd = torch.float64 if dt == torch.float64 else torch.float32
+                vec, nc, G = torch.ones(C, dtype=sd), torch.ones(N, C, dtype=sd), 32 if C % 32 == 0 else 3
+                tag = f"{str(dt)[6:]} {'x'.join(map(str, shape))} {'NHWC' if cl else 'NCHW'}"
+                out.append((f"gn fwd split {tag}", lambda x=x, v=vec, nc=nc, G=G: ft.group_norm_act(
+                    x, v, v, nc, nc, nc, G, 1e-5, True, split=4)))
+                stat = torch.ones(N, G, dtype=sd)
+                out.append((f"gn bwd split {tag}", lambda x=x, v=vec, nc=nc, st=stat, G=G: ft.group_norm_act_backward(
+                    x, x, v, v, nc, nc, nc, st, st, G, True, split=4)))
     return out
 
 

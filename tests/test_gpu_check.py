@@ -214,6 +214,56 @@ def test_group_norm_forward_backward(backend, variant, dtype, layout):
             _check(got, r, dtype, f"{backend} {name}", lowp[i])
 
 
+SPLIT_CASES = [((1, 128, 512, 512), torch.bfloat16, "NHWC", "add_scale_shift"),
+               ((2, 64, 96, 80), torch.float32, "NCHW", "add")]
+
+
+@pytest.mark.parametrize("shape,dtype,layout,variant", SPLIT_CASES, ids=["vae-bf16-NHWC", "fp32-NCHW"])
+def test_triton_group_norm_split(shape, dtype, layout, variant):
+    """The Triton split forward and backward (partials per chunk, combine, apply) at real
+    shapes, as chosen by default (1x128x512x512 with 32 groups: 32 programs,
+    split on any GPU with more than 32 SMs) and forced into 7 chunks, against
+    the float64 reference."""
+    tm = _backend.triton_module()
+    if tm is None:
+        pytest.skip("Triton is not installed")
+    from fastdiff.triton import group_norm as tgn
+    shape = shape if HAS_CUDA else (1, 4, 7, 5)
+    groups = big(32, 2)
+    x, w, b, add, sc, sh, gy = _gn_inputs(shape, groups, dtype, variant, layout, 7)
+    N, C = shape[:2]
+    S = x.numel() // (N * C)
+    sms = tgn._sm_count(x.device)
+    plan = tgn.split_plan(N, groups, C // groups, S, layout == "NHWC", False, sms)
+    note(f"Triton GroupNorm split plan for {shape} G={groups} on {sms} SMs: {plan}")
+    d = lambda v: None if v is None else v.double()  # noqa: E731
+    y64, m64, r64 = refb.group_norm_act(x.double(), d(w), d(b), d(add), d(sc), d(sh), groups, 1e-5, True)
+    eager = _gn_eager(x, groups, w, b, add, sc, sh) if dtype != torch.float32 else None
+    lowp = None
+    if dtype != torch.float32:  # plain torch autograd at the dtype: the low-precision yardstick
+        leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in (x, w, b, add, sc, sh)]
+        _gn_eager(leaves[0], groups, *leaves[1:]).backward(gy)
+        lowp = [t.grad if t is not None else None for t in leaves]
+    g64 = refb.group_norm_act_backward(gy.double(), x.double(), d(w), d(b), d(add), d(sc), d(sh), m64, r64,
+                                       groups, True)
+    for split in (None, 7):
+        y, mean, rstd = tm.group_norm_act(x, w, b, add, sc, sh, groups, 1e-5, True, split=split)
+        if layout == "NHWC":
+            assert y.is_contiguous(memory_format=torch.channels_last)
+        _check(y, y64, dtype, f"split={split} y", eager, 5e-5)
+        _check(mean, m64, torch.float32, f"split={split} mean", fp32_tol=2e-5)
+        _check(rstd, r64, torch.float32, f"split={split} rstd", fp32_tol=5e-5)
+        grads = tm.group_norm_act_backward(gy, x, w, b, add, sc, sh, mean, rstd, groups, True, split=split)
+        for i, (got, r) in enumerate(zip(grads, g64)):
+            if r is None or got.numel() == 0:
+                continue
+            name = f"split={split} " + ("dx", "dweight", "dbias", "dadd", "dscale", "dshift")[i]
+            if got.dtype == torch.float32:
+                _check(got, r, torch.float32, name, fp32_tol=2e-4 if i in (1, 2) else 5e-5)
+            else:
+                _check(got, r, dtype, name, lowp[i])
+
+
 def test_cuda_group_norm_alignment():
     """The CUDA GroupNorm takes a vectorised path for 16-byte aligned
     pointers and a scalar one otherwise, with different summation orders: a

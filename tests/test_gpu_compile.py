@@ -14,7 +14,7 @@ Checked per compiled kernel:
   sm_90 with Triton 3.8: dkdv D=64 784 B, dq D=512 4088 B, dkdv D=512 168 B).
 
 CI time (measured here, loaded 2-core VM, cold Triton cache): the lean subset
-below compiles 15 kernels for sm_90 and the 6 attention kernels again for
+below compiles 23 kernels for sm_90 and the 6 attention kernels again for
 sm_80. ``FASTDIFF_COMPILE_CHECK_FULL=1`` sweeps every dtype, head dim,
 layout, fallback config and both archs (~150 compiles, ~20 min CPU time: run
 it when a kernel or its config table changes). Triton's cache
@@ -58,7 +58,8 @@ def compiled():
 def test_every_kernel_compiles_for_sm80_and_sm90(compiled):
     kernels = {r["kernel"] for r in compiled}
     assert kernels >= {"_q_sample_kernel", "_loss_kernel", "_ddpm_kernel", "_ddim_kernel", "_gn_fwd_kernel",
-                       "_gn_bwd_kernel", "_attn_fwd_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel"}, kernels
+                       "_gn_bwd_kernel", "_gn_split_stats_kernel", "_gn_split_apply_kernel",
+                       "_gn_split_bwd_sums_kernel", "_gn_split_bwd_dx_kernel", "_attn_fwd_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel"}, kernels
     assert {r["arch"] for r in compiled} == {80, 90}
     print("\n".join(f"sm_{r['arch']} {r['case']:<42} regs {r['regs']:>3} spill {r['spill_stores']:>5} B "
                     f"smem {r['shared']:>6} B  {r['seconds']:.1f} s" for r in compiled))

@@ -25,6 +25,19 @@ loses, so y stays accurate to its own rounding for inputs offset by 1e3.
   E[x^2] - E[x]^2 cancellation however many tiles; pass 2 re-reads the group
   and writes y.
 
+* split (few large groups: N * G programs would leave SMs idle, e.g. a VAE
+  decode at 1x128x512x512 with 32 groups): each group's positions are cut
+  into chunks, grid ``(N * G, chunks)``. Pass 1 (_gn_split_stats_kernel)
+  writes each chunk's (K, mean(d), M2(d)) as the looping pass 1 does, with K
+  the group's first-tile mean computed identically by every chunk; a combine
+  in torch on the device (Chan et al., no host sync) gives mean/rstd; pass 2
+  (_gn_split_apply_kernel) writes y of its chunk as the looping pass 2 does.
+  ``split_plan`` chooses (SMs from the device; CPU_SMS off the GPU); the
+  launcher's ``split=`` forces it (tests). The backward splits the same way:
+  per-chunk per-channel A, B (_gn_split_bwd_sums_kernel), their sums, s1, s2
+  and the A/B-only gradients in torch, then dx and per-chunk d add partials
+  (_gn_split_bwd_dx_kernel), summed in torch (fixed order: deterministic).
+
 Backward, per (n, g): pass 1 recomputes xhat, z and silu'(z), and reduces the
 per-channel A = sum_s dz, B = sum_s dz xhat, which give the group's
 s1 = mean(g dz) and s2 = mean(g dz xhat) (g = weight (1 + scale)); pass 2
@@ -38,6 +51,7 @@ Nothing here synchronises with the host: the launch geometry depends on shapes o
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -67,14 +81,15 @@ class _Geometry:
     tile holds the whole group (single), and the warps. ``block`` (tests)
     overrides both tile budgets."""
 
-    def __init__(self, kind: str, D: int, S: int, channels_last: bool, f64: bool, block: Optional[int]):
+    def __init__(self, kind: str, D: int, S: int, channels_last: bool, f64: bool, block: Optional[int],
+                 loop: bool = False):
         single_max, loop_tile = (block, block) if block else (SINGLE_MAX[kind], LOOP_TILE[kind])
         if f64 and not block:
             single_max, loop_tile = single_max // 2, loop_tile // 2
         # the contiguous extent gets its full power of two first, the other axis what is left
         ext_c, ext_o = (D, S) if channels_last else (S, D)
         pc, po = triton.next_power_of_2(ext_c), triton.next_power_of_2(ext_o)
-        self.single = pc * po <= single_max
+        self.single = pc * po <= single_max and not loop  # loop: looping-path tiles (the split kernels)
         if self.single:
             bc, bo = pc, po
         else:
@@ -247,6 +262,94 @@ def _gn_fwd_kernel(x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, add_ptr, sc_p
     tl.store(rstd_ptr + pid, rstd.to(rstd_ptr.dtype.element_ty))
 
 
+# ------------------------------------------------- split forward (stats, combine, apply) ---
+@triton.jit
+def _gn_split_stats_kernel(x_ptr, add_ptr, part_ptr, C, S, G, D, CS, SPLIT,
+                           HAS_ADD: tl.constexpr, CL: tl.constexpr, ACC: tl.constexpr,
+                           BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, I64: tl.constexpr):
+    """Pass 1 of the split forward: program (group pid, chunk j) reduces the
+    positions [j CS, min(S, (j + 1) CS)) of all the group's channels to
+    (K, mean(d), M2(d)) of d = (x - K) + add, written to part[pid, j, 0:3].
+    K is the mean of the group's first tile, the same in every chunk (each
+    program computes it: one cache-hot tile), so the chunks' (count, mean, M2)
+    combine exactly (Chan et al.) without re-centring large means."""
+    pid = tl.program_id(0)
+    j = tl.program_id(1)
+    n, g, base = _group_base(pid, C, S, G, D, CL)
+    xg = x_ptr + base
+    d_1, offs_1, mask_1 = _tile(0, 0, D, S, C, BLOCK_D, BLOCK_S, CL, I64)
+    c_1 = g * D + d_1
+    add_1 = tl.load(add_ptr + n * C + c_1, mask=d_1 < D, other=0.0).to(ACC) if HAS_ADD else tl.zeros([BLOCK_D], ACC)
+    x_1 = tl.load(xg + offs_1, mask=mask_1, other=0.0).to(ACC)
+    k_1 = (tl.zeros([], ACC) + tl.minimum(D, BLOCK_D)) * tl.minimum(S, BLOCK_S)
+    K = tl.sum(tl.sum(tl.where(mask_1, x_1 + _cvec(add_1, CL), 0.0), axis=1), axis=0) / k_1
+    s_lo = j * CS
+    s_hi = tl.minimum(S, s_lo + CS)  # CS is a multiple of BLOCK_S: tiles never cross into the next chunk
+    k = tl.zeros([], ACC)
+    md = tl.zeros([], ACC)
+    m2 = tl.zeros([], ACC)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        c = g * D + d
+        add = tl.load(add_ptr + n * C + c, mask=d < D, other=0.0).to(ACC) if HAS_ADD else tl.zeros([BLOCK_D], ACC)
+        add_c = _cvec(add, CL)
+        nd = tl.minimum(D - d0, BLOCK_D)
+        for s0 in range(s_lo, s_hi, BLOCK_S):
+            d_t, offs, mask = _tile(d0, s0, D, S, C, BLOCK_D, BLOCK_S, CL, I64)
+            x = tl.load(xg + offs, mask=mask, other=0.0).to(ACC)
+            dd = tl.where(mask, (x - K) + add_c, 0.0)
+            kb = (tl.zeros([], ACC) + nd) * tl.minimum(S - s0, BLOCK_S)
+            mb = tl.sum(tl.sum(dd, axis=1), axis=0) / kb
+            db = tl.where(mask, dd - mb, 0.0)
+            m2b = tl.sum(tl.sum(db * db, axis=1), axis=0)
+            kn = k + kb
+            delta = mb - md
+            md += delta * (kb / kn)
+            m2 += m2b + delta * delta * (k * kb / kn)
+            k = kn
+    o = (pid * SPLIT + j) * 3
+    tl.store(part_ptr + o, K)
+    tl.store(part_ptr + o + 1, md)
+    tl.store(part_ptr + o + 2, m2)
+
+
+@triton.jit
+def _gn_split_apply_kernel(x_ptr, y_ptr, k_ptr, md_ptr, rstd_ptr, w_ptr, b_ptr, add_ptr, sc_ptr, sh_ptr,
+                           C, S, G, D, CS,
+                           HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_ADD: tl.constexpr, HAS_SC: tl.constexpr,
+                           HAS_SH: tl.constexpr, SILU: tl.constexpr, CL: tl.constexpr, ACC: tl.constexpr,
+                           BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, I64: tl.constexpr):
+    """Pass 3 of the split forward: program (group pid, chunk j) writes y of
+    its chunk from the combined (K, mean(d), rstd), as pass 2 of the looping
+    kernel does."""
+    pid = tl.program_id(0)
+    j = tl.program_id(1)
+    n, g, base = _group_base(pid, C, S, G, D, CL)
+    xg = x_ptr + base
+    yg = y_ptr + base
+    K = tl.load(k_ptr + pid).to(ACC)
+    md = tl.load(md_ptr + pid).to(ACC)
+    rstd = tl.load(rstd_ptr + pid).to(ACC)
+    s_lo = j * CS
+    s_hi = tl.minimum(S, s_lo + CS)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        dm = d < D
+        c = g * D + d
+        add, w, b, sc1, sh = _params(w_ptr, b_ptr, add_ptr, sc_ptr, sh_ptr, c, n * C + c, dm,
+                                     HAS_W, HAS_B, HAS_ADD, HAS_SC, HAS_SH, ACC)
+        addm_c = _cvec(add - md, CL)
+        a_c = _cvec(rstd * w * sc1, CL)
+        b_c = _cvec(b * sc1 + sh, CL)
+        for s0 in range(s_lo, s_hi, BLOCK_S):
+            d_t, offs, mask = _tile(d0, s0, D, S, C, BLOCK_D, BLOCK_S, CL, I64)
+            x = tl.load(xg + offs, mask=mask, other=0.0).to(ACC)
+            z = ((x - K) + addm_c) * a_c + b_c
+            if SILU:
+                z = z * _sigmoid(z)
+            tl.store(yg + offs, z.to(y_ptr.dtype.element_ty), mask=mask)
+
+
 @triton.jit
 def _bwd_tile(dyg, xg, offs, mask, mean, add_c, rstd, gz_c, beta_c, SILU: tl.constexpr, CL: tl.constexpr,
               ACC: tl.constexpr):
@@ -274,6 +377,85 @@ def _bwd_store_vecs(A, B, w, b, sc1, nc, dm, dsc_ptr, dsh_ptr, wa_ptr, wb_ptr,
         tl.store(wa_ptr + nc, (sc1 * A).to(wa_ptr.dtype.element_ty), mask=dm)
     if HAS_W:
         tl.store(wb_ptr + nc, (sc1 * B).to(wb_ptr.dtype.element_ty), mask=dm)
+
+
+@triton.jit
+def _gn_split_bwd_sums_kernel(dy_ptr, x_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, add_ptr, sc_ptr, sh_ptr, ab_ptr,
+                              C, S, G, D, CS, SPLIT,
+                              HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_ADD: tl.constexpr, HAS_SC: tl.constexpr,
+                              HAS_SH: tl.constexpr, SILU: tl.constexpr, CL: tl.constexpr, ACC: tl.constexpr,
+                              BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, I64: tl.constexpr):
+    """Pass 1 of the split backward: program (group pid, chunk j) writes its
+    chunk's per-channel A = sum dz, B = sum dz xhat to ab[pid, j, 0:2, :]."""
+    pid = tl.program_id(0)
+    j = tl.program_id(1)
+    n, g, base = _group_base(pid, C, S, G, D, CL)
+    xg = x_ptr + base
+    dyg = dy_ptr + base
+    mean = tl.load(mean_ptr + pid).to(ACC)
+    rstd = tl.load(rstd_ptr + pid).to(ACC)
+    s_lo = j * CS
+    s_hi = tl.minimum(S, s_lo + CS)
+    o = (pid * SPLIT + j) * 2 * D
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        dm = d < D
+        c = g * D + d
+        add, w, b, sc1, sh = _params(w_ptr, b_ptr, add_ptr, sc_ptr, sh_ptr, c, n * C + c, dm,
+                                     HAS_W, HAS_B, HAS_ADD, HAS_SC, HAS_SH, ACC)
+        add_c = _cvec(add, CL)
+        gz_c = _cvec(w * sc1, CL)
+        beta_c = _cvec(b * sc1 + sh, CL)
+        A = tl.zeros([BLOCK_D], ACC)
+        B = tl.zeros([BLOCK_D], ACC)
+        for s0 in range(s_lo, s_hi, BLOCK_S):
+            d_t, offs, mask = _tile(d0, s0, D, S, C, BLOCK_D, BLOCK_S, CL, I64)
+            xhat, dz = _bwd_tile(dyg, xg, offs, mask, mean, add_c, rstd, gz_c, beta_c, SILU, CL, ACC)
+            A += _ssum(dz, CL)
+            B += _ssum(dz * xhat, CL)
+        tl.store(ab_ptr + o + d, A, mask=dm)
+        tl.store(ab_ptr + o + D + d, B, mask=dm)
+
+
+@triton.jit
+def _gn_split_bwd_dx_kernel(dy_ptr, x_ptr, mean_ptr, rstd_ptr, s1_ptr, s2_ptr, w_ptr, b_ptr, add_ptr, sc_ptr, sh_ptr,
+                            dx_ptr, dpart_ptr, C, S, G, D, CS, SPLIT,
+                            HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_ADD: tl.constexpr, HAS_SC: tl.constexpr,
+                            HAS_SH: tl.constexpr, SILU: tl.constexpr, CL: tl.constexpr, ACC: tl.constexpr,
+                            BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, I64: tl.constexpr):
+    """Pass 2 of the split backward: dx of the chunk from the combined s1, s2,
+    and (with add) the chunk's per-channel sums of dx to dpart[pid, j, :]."""
+    pid = tl.program_id(0)
+    j = tl.program_id(1)
+    n, g, base = _group_base(pid, C, S, G, D, CL)
+    xg = x_ptr + base
+    dyg = dy_ptr + base
+    dxg = dx_ptr + base
+    mean = tl.load(mean_ptr + pid).to(ACC)
+    rstd = tl.load(rstd_ptr + pid).to(ACC)
+    s1 = tl.load(s1_ptr + pid).to(ACC)
+    s2 = tl.load(s2_ptr + pid).to(ACC)
+    s_lo = j * CS
+    s_hi = tl.minimum(S, s_lo + CS)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        dm = d < D
+        c = g * D + d
+        add, w, b, sc1, sh = _params(w_ptr, b_ptr, add_ptr, sc_ptr, sh_ptr, c, n * C + c, dm,
+                                     HAS_W, HAS_B, HAS_ADD, HAS_SC, HAS_SH, ACC)
+        add_c = _cvec(add, CL)
+        gz_c = _cvec(w * sc1, CL)
+        beta_c = _cvec(b * sc1 + sh, CL)
+        dsum = tl.zeros([BLOCK_D], ACC)
+        for s0 in range(s_lo, s_hi, BLOCK_S):
+            d_t, offs, mask = _tile(d0, s0, D, S, C, BLOCK_D, BLOCK_S, CL, I64)
+            xhat, dz = _bwd_tile(dyg, xg, offs, mask, mean, add_c, rstd, gz_c, beta_c, SILU, CL, ACC)
+            dx = rstd * (dz * gz_c - s1 - xhat * s2)
+            tl.store(dxg + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            if HAS_ADD:
+                dsum += _ssum(tl.where(mask, dx, 0.0), CL)
+        if HAS_ADD:
+            tl.store(dpart_ptr + (pid * SPLIT + j) * D + d, dsum, mask=dm)
 
 
 @triton.jit
@@ -416,11 +598,13 @@ def _i64(C: int, S: int) -> bool:
 @CM.on_tensor_device
 def group_norm_act(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], add: Optional[Tensor],
                    scale: Optional[Tensor], shift: Optional[Tensor], groups: int, eps: float, silu: bool,
-                   *, block: Optional[int] = None):
+                   *, block: Optional[int] = None, split: Optional[int] = None):
     """Schema ``group_norm_act(x, weight?, bias?, add?, scale?, shift?, groups, eps, silu) -> (y, mean, rstd)``.
 
     ``block`` (tests only) caps the tile size in elements, forcing the looping
-    path for groups larger than it."""
+    path for groups larger than it. ``split`` (tests only) forces the split
+    path with that many chunks per group (fewer when S has fewer tiles);
+    None lets ``split_plan`` choose."""
     xc, cl, N, C, S, G, D, vecs = _prepare(x, weight, bias, add, scale, shift, groups)
     sd = gn_stat_dtype(x)
     y = gn_empty_like(xc)
@@ -428,7 +612,12 @@ def group_norm_act(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], 
     rstd = torch.empty((N, G), dtype=sd, device=x.device)
     if N == 0:
         return y, mean, rstd
-    geo = _Geometry("fwd", D, S, cl, x.dtype == torch.float64, block)
+    f64 = x.dtype == torch.float64
+    plan = split_plan(N, G, D, S, cl, f64, _sm_count(x.device), block=block, split=split)
+    if plan is not None:
+        _split_forward(xc, y, mean, rstd, vecs, C, S, G, D, eps, silu, cl, plan)
+        return y, mean, rstd
+    geo = _Geometry("fwd", D, S, cl, f64, block)
     dummy = mean
     _gn_fwd_kernel[(N * G,)](
         xc, y, mean, rstd, *(dummy if v is None else v for v in vecs),
@@ -436,6 +625,145 @@ def group_norm_act(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], 
         SILU=bool(silu), CL=cl, ACC=CM.acc_dtype(x.dtype), BLOCK_D=geo.block_d, BLOCK_S=geo.block_s,
         SINGLE=geo.single, I64=_i64(C, S), num_warps=geo.num_warps, **_flags(vecs))
     return y, mean, rstd
+
+
+# The split forward (few large groups): each group's positions are cut into
+# chunks, one program per (group, chunk): stats -> combine (torch, on the
+# device) -> apply. UNTUNED on a GPU: split when N * G programs leave SMs idle
+# (N * G < SMs), into about SPLIT_PROGRAMS_PER_SM * SMs programs, each chunk at
+# least SPLIT_MIN_CHUNK elements. Off the GPU (the interpreter) CPU_SMS stands in.
+SPLIT_PROGRAMS_PER_SM = 4
+SPLIT_MIN_CHUNK = 4 * LOOP_TILE["fwd"]
+CPU_SMS = 16
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return CPU_SMS
+
+
+class SplitPlan:
+    """chunks per group, chunk length CS (positions, a multiple of the tile's
+    BLOCK_S) and the looping tile geometry of the split kernels."""
+
+    def __init__(self, chunks: int, cs: int, geo: _Geometry):
+        self.chunks, self.cs, self.geo = chunks, cs, geo
+
+    def __repr__(self):
+        return f"SplitPlan(chunks={self.chunks}, cs={self.cs}, block_d={self.geo.block_d}, block_s={self.geo.block_s})"
+
+
+def split_plan(N: int, G: int, D: int, S: int, channels_last: bool, f64: bool, sms: int, *,
+               block: Optional[int] = None, split: Optional[int] = None, kind: str = "fwd") -> Optional[SplitPlan]:
+    """The split forward's plan for a call, or None for the one-program-per-group
+    kernel. ``split`` forces the split path with at most that many chunks."""
+    if N * G == 0:
+        return None
+    if split is None:
+        if _Geometry(kind, D, S, channels_last, f64, block).single or N * G >= sms:
+            return None
+        want = -(-SPLIT_PROGRAMS_PER_SM * sms // (N * G))
+        split = min(want, (D * S) // SPLIT_MIN_CHUNK)
+        if split < 2:
+            return None
+        forced = False
+    else:
+        split = int(split)
+        if split < 1:
+            raise ValueError(f"fastdiff: split must be a positive number of chunks, got {split}")
+        forced = True
+    geo = _Geometry(kind, D, S, channels_last, f64, block, loop=True)
+    per = -(-S // split)
+    cs = -(-per // geo.block_s) * geo.block_s
+    chunks = -(-S // cs)
+    if chunks < 2 and not forced:
+        return None
+    return SplitPlan(chunks, cs, geo)
+
+
+def _split_forward(xc, y, mean, rstd, vecs, C, S, G, D, eps, silu, cl, plan: SplitPlan):
+    N = xc.size(0)
+    NG, P = N * G, plan.chunks
+    f64 = xc.dtype == torch.float64
+    acc_t = torch.float64 if f64 else torch.float32
+    dev = xc.device
+    part = torch.empty((NG, P, 3), dtype=acc_t, device=dev)
+    geo = plan.geo
+    w, b, add, sc, sh = vecs
+    i64 = _i64(C, S)
+    _gn_split_stats_kernel[(NG, P)](
+        xc, part if add is None else add, part, C, S, G, D, plan.cs, P,
+        HAS_ADD=add is not None, CL=cl, ACC=CM.acc_dtype(xc.dtype), BLOCK_D=geo.block_d, BLOCK_S=geo.block_s,
+        I64=i64, num_warps=geo.num_warps)
+    # combine (Chan et al.) on the device, no host sync: every chunk has the same shift K
+    cnt = torch.clamp(S - torch.arange(P, device=dev, dtype=acc_t) * plan.cs, max=plan.cs) * D  # [P]
+    K = part[:, 0, 0].contiguous()
+    mj, m2j = part[:, :, 1], part[:, :, 2]
+    md = (mj * cnt).sum(1) / (D * S)
+    m2 = m2j.sum(1) + ((mj - md[:, None]).square() * cnt).sum(1)
+    r = 1.0 / torch.sqrt(m2 / (D * S) + eps)
+    mean.copy_((K + md).view(N, G))
+    rstd.copy_(r.view(N, G))
+    dummy = part
+    _gn_split_apply_kernel[(NG, P)](
+        xc, y, K, md, r, *(dummy if v is None else v for v in vecs),
+        C, S, G, D, plan.cs,
+        SILU=bool(silu), CL=cl, ACC=CM.acc_dtype(xc.dtype), BLOCK_D=geo.block_d, BLOCK_S=geo.block_s,
+        I64=i64, num_warps=geo.num_warps, **_flags(vecs))
+
+
+def _split_backward(dy, xc, mean, rstd, vecs, dx, dadd, dscale, dshift, wa, wb, C, S, G, D, silu, cl,
+                    plan: SplitPlan):
+    """Split backward: per-chunk A, B (kernel) -> their sums, s1, s2 and the
+    A/B-only gradients (torch on the device) -> dx and per-chunk d add (kernel)."""
+    N = xc.size(0)
+    NG, P = N * G, plan.chunks
+    acc_t = torch.float64 if xc.dtype == torch.float64 else torch.float32
+    dev = xc.device
+    geo = plan.geo
+    w, b, add, sc, sh = vecs
+    i64 = _i64(C, S)
+    acc = CM.acc_dtype(xc.dtype)
+    ab = torch.empty((NG, P, 2, D), dtype=acc_t, device=dev)
+    dummy = ab
+    vargs = [dummy if v is None else v for v in vecs]
+    _gn_split_bwd_sums_kernel[(NG, P)](
+        dy, xc, mean, rstd, *vargs, ab, C, S, G, D, plan.cs, P,
+        SILU=bool(silu), CL=cl, ACC=acc, BLOCK_D=geo.block_d, BLOCK_S=geo.block_s, I64=i64,
+        num_warps=geo.num_warps, **_flags(vecs))
+    AB = ab.sum(1)  # [NG, 2, D]: fixed order, deterministic
+    A = AB[:, 0].reshape(N, C)
+    B = AB[:, 1].reshape(N, C)
+    sc1 = 1.0 + sc.to(acc_t) if sc is not None else torch.ones((), dtype=acc_t, device=dev)
+    wv = w.to(acc_t) if w is not None else torch.ones((), dtype=acc_t, device=dev)
+    bv = b.to(acc_t) if b is not None else torch.zeros((), dtype=acc_t, device=dev)
+    gz = wv * sc1
+    cnt = D * S
+    s1 = ((gz * A).reshape(NG, D).sum(1) / cnt).contiguous()
+    s2 = ((gz * B).reshape(NG, D).sum(1) / cnt).contiguous()
+    if sh is not None:
+        dshift.copy_(A)
+    if sc is not None:
+        dscale.copy_(wv * B + bv * A)
+    if b is not None:
+        wa.copy_(sc1 * A)
+    if w is not None:
+        wb.copy_(sc1 * B)
+    dpart = torch.empty((NG, P, D) if add is not None else (1,), dtype=acc_t, device=dev)
+    # half the warps of the other backward kernels: ptxas (sm_90, Triton 3.8) spilled 4 B in the bf16
+    # channels-last dx kernel at 8 warps, none at 4 (every dtype/layout in tests/_triton_compile.py --full)
+    _gn_split_bwd_dx_kernel[(NG, P)](
+        dy, xc, mean, rstd, s1, s2, *vargs, dx, dpart, C, S, G, D, plan.cs, P,
+        SILU=bool(silu), CL=cl, ACC=acc, BLOCK_D=geo.block_d, BLOCK_S=geo.block_s, I64=i64,
+        num_warps=max(1, geo.num_warps // 2), **_flags(vecs))
+    if add is not None:
+        dadd.copy_(dpart.sum(1).reshape(N, C))
 
 
 def _check_stat(s: Tensor, xc: Tensor, N: int, G: int, name: str) -> Tensor:
@@ -463,11 +791,13 @@ def _match_grad(grad_y: Tensor, xc: Tensor, cl: bool) -> Tensor:
 @CM.on_tensor_device
 def group_norm_act_backward(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                             add: Optional[Tensor], scale: Optional[Tensor], shift: Optional[Tensor],
-                            mean: Tensor, rstd: Tensor, groups: int, silu: bool, *, block: Optional[int] = None):
+                            mean: Tensor, rstd: Tensor, groups: int, silu: bool, *, block: Optional[int] = None,
+                            split: Optional[int] = None):
     """Schema ``group_norm_act_backward(grad_y, x, weight?, bias?, add?, scale?, shift?, mean, rstd, groups, silu)
     -> (dx, dweight, dbias, dadd, dscale, dshift)``; an absent input's gradient is an empty (0,) tensor.
 
-    ``block`` (tests only) caps the tile size in elements, forcing the looping path."""
+    ``block`` (tests only) caps the tile size in elements, forcing the looping path;
+    ``split`` (tests only) forces the split path, as in the forward."""
     xc, cl, N, C, S, G, D, vecs = _prepare(x, weight, bias, add, scale, shift, groups)
     mean = _check_stat(mean, xc, N, G, "mean")
     rstd = _check_stat(rstd, xc, N, G, "rstd")
@@ -482,7 +812,11 @@ def group_norm_act_backward(grad_y: Tensor, x: Tensor, weight: Optional[Tensor],
     dx = gn_empty_like(xc)
     dadd, dscale, dshift = nc_or_empty(add_ is not None), nc_or_empty(sc is not None), nc_or_empty(sh is not None)
     wa, wb = nc_or_empty(b is not None), nc_or_empty(w is not None)  # (1 + scale) A, (1 + scale) B per (n, c)
-    if N > 0:
+    plan = split_plan(N, G, D, S, cl, x.dtype == torch.float64, _sm_count(dev), block=block, split=split,
+                      kind="bwd") if N > 0 else None
+    if plan is not None:
+        _split_backward(dy, xc, mean, rstd, vecs, dx, dadd, dscale, dshift, wa, wb, C, S, G, D, silu, cl, plan)
+    elif N > 0:
         geo = _Geometry("bwd", D, S, cl, x.dtype == torch.float64, block)
         dummy = mean
         outs = [dummy if t.numel() == 0 else t for t in (dadd, dscale, dshift, wa, wb)]
