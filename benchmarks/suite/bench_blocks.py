@@ -130,27 +130,13 @@ def _unet_cases(dev, preset):
 
 
 @pytest.mark.parametrize("device,op,impl,variant", _params())
-def test_block(benchmark, device, op, impl, variant):
+def test_block(time_case, device, op, impl, variant):
     build = {"group_norm_act": _gn_cases, "attention": _attn_cases, "unet_step": _unet_cases}[op]
     cases, nsets, label, extra = build(device, variant)
     case = next((c for c in cases if c.impl == impl), None)
     if case is None:
         pytest.skip(f"{impl} is not available here")
-    if case.fn is None:
-        pytest.skip(case.note)
-    counter = itertools.count()
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-
-    def call():
-        case.fn(next(counter) % nsets)
-        sync()  # GPU: time the work, not the launch
-
-    benchmark.group = f"{op} {label} {B.DTYPE_NAMES[DTYPE]} {device} [{variant}]"
     info = {"bytes": case.nbytes or None, "shape": label, "dtype": B.DTYPE_NAMES[DTYPE], "impl": impl,
             "variant": variant}
     info.update(extra.get(impl, {}) if op == "unet_step" else extra)
-    benchmark.extra_info.update(info)
-    with B.use_backend(case.backend):
-        for _ in range(3):  # warm-up (first-call compilation of Triton kernels, allocator)
-            call()
-        benchmark(call)
+    time_case(case, nsets, device, f"{op} {label} {B.DTYPE_NAMES[DTYPE]} {device} [{variant}]", info)

@@ -15,7 +15,6 @@ derived from the saved JSON.
 """
 from __future__ import annotations
 
-import itertools
 import os
 
 import pytest
@@ -86,24 +85,11 @@ def _cases(device: str, op: str) -> list:
 
 
 @pytest.mark.parametrize("device,op,impl,variant", _params())
-def test_op(benchmark, device, op, impl, variant):
+def test_op(time_case, device, op, impl, variant):
     cases, nsets = _cases(device, op)
     case = next((c for c in cases if c.impl == impl and c.variant == variant), None)
     if case is None:
         pytest.skip(f"{impl} is not available here")
-    if case.fn is None:
-        pytest.skip(case.note)
-    counter = itertools.count()
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-
-    def call():
-        case.fn(next(counter) % nsets)
-        sync()  # GPU: time the work, not the launch
-
-    benchmark.group = f"{op} {B.shape_str(SHAPE[device])} {B.DTYPE_NAMES[DTYPE]} {device}"
-    benchmark.extra_info.update({"bytes": case.nbytes, "shape": B.shape_str(SHAPE[device]),
-                                 "dtype": B.DTYPE_NAMES[DTYPE], "impl": impl, "variant": variant})
-    with B.use_backend(case.backend):
-        for _ in range(3):  # warm-up (first-call compilation of Triton kernels, allocator)
-            call()
-        benchmark(call)
+    label, dtype = B.shape_str(SHAPE[device]), B.DTYPE_NAMES[DTYPE]
+    time_case(case, nsets, device, f"{op} {label} {dtype} {device}",
+              {"bytes": case.nbytes, "shape": label, "dtype": dtype, "impl": impl, "variant": variant})
