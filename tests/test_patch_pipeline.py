@@ -279,7 +279,7 @@ def test_patch_pipeline_models_only_keeps_the_scheduler(sd_pipe, reference_image
 
 
 def test_scheduler_lookup_by_name(sd_pipe, monkeypatch):
-    from fastdiff.nn.pipeline import fused_scheduler_class
+    from fastdiff.diffusion import fused_scheduler_class
     assert fused_scheduler_class(diffusers.DDPMScheduler).__name__ == "FusedDDPMScheduler"
     assert fused_scheduler_class(diffusers.PNDMScheduler) is None
     assert fused_scheduler_class(fastdiff.FusedDDIMScheduler) is None  # already fused

@@ -14,11 +14,13 @@
   coefficient table and a device step counter.
 
 The names are imported lazily, so ``import fastdiff`` does not import
-diffusers.
+diffusers. :func:`fused_scheduler_class` maps a diffusers scheduler to its
+fused equivalent (used by :func:`fastdiff.nn.patch_pipeline`).
 """
 from __future__ import annotations
 
 import importlib
+from typing import Optional
 
 _LAZY = {
     "GaussianDiffusion": ".gaussian",
@@ -31,7 +33,19 @@ _LAZY = {
     "FusedFlowMatchEulerDiscreteScheduler": ".multistep",
 }
 
-__all__ = list(_LAZY)
+__all__ = list(_LAZY) + ["fused_scheduler_class"]
+
+
+def fused_scheduler_class(scheduler) -> Optional[type]:
+    """The fastdiff scheduler class that replaces ``scheduler`` (a diffusers
+    scheduler instance or class ``XScheduler``): ``FusedXScheduler`` when this
+    package has it, else None. A fastdiff scheduler maps to None."""
+    cls = scheduler if isinstance(scheduler, type) else type(scheduler)
+    if cls.__module__.startswith("fastdiff."):
+        return None
+    name = "Fused" + cls.__name__  # by name: a scheduler added to this package is found with no change here
+    fused = __getattr__(name) if name in _LAZY else globals().get(name)
+    return fused if isinstance(fused, type) else None
 
 
 def __getattr__(name: str):

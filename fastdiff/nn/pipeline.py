@@ -7,25 +7,24 @@ same thing. Components from other libraries (the ``transformers`` text
 encoders, the safety checker's CLIP, feature extractors, tokenizers) are left
 alone and named in the report. With ``scheduler=True`` the pipeline's
 scheduler ``XScheduler`` is replaced by ``fastdiff.diffusion.FusedXScheduler``
-built from the same config, when fastdiff has one (looked up by name, so
-schedulers added to ``fastdiff.diffusion`` later are picked up without a
-change here) and it accepts that config.
+built from the same config, when fastdiff has one
+(:func:`fastdiff.diffusion.fused_scheduler_class`) and it accepts that config.
 
 State dicts do not change. ``unpatch_pipeline`` (or ``fastdiff.unpatch(pipe)``)
 restores every component and the original scheduler object.
 """
 from __future__ import annotations
 
-import importlib
 import logging
 from dataclasses import dataclass, field
 from typing import Optional
 
 from torch import nn
 
+from ..diffusion import fused_scheduler_class
 from .patching import PatchReport, _is_pipeline, patch, unpatch
 
-__all__ = ["patch_pipeline", "unpatch_pipeline", "PipelineReport", "fused_scheduler_class"]
+__all__ = ["patch_pipeline", "unpatch_pipeline", "PipelineReport"]
 
 logger = logging.getLogger("fastdiff.nn")
 
@@ -75,21 +74,6 @@ def _is_diffusers_model(obj) -> bool:
     except Exception:  # pragma: no cover - diffusers reorganised
         return type(obj).__module__.startswith("diffusers.")
     return isinstance(obj, ModelMixin)
-
-
-def fused_scheduler_class(scheduler) -> Optional[type]:
-    """The fastdiff scheduler class that replaces ``scheduler`` (an instance
-    or a class): ``fastdiff.diffusion.Fused<ClassName>`` if that exists, else
-    None. A scheduler that already is a fastdiff one maps to None."""
-    cls = scheduler if isinstance(scheduler, type) else type(scheduler)
-    if cls.__module__.startswith("fastdiff."):
-        return None
-    diffusion = importlib.import_module("fastdiff.diffusion")
-    try:
-        fused = getattr(diffusion, "Fused" + cls.__name__)
-    except (AttributeError, ImportError):
-        return None
-    return fused if isinstance(fused, type) else None
 
 
 def _records(pipe) -> dict:
