@@ -172,6 +172,78 @@ def _group_base(pid, C, S, G, D, CL: tl.constexpr):
     return n, g, base
 
 
+# Per-tile bodies shared by the one-program kernels (a whole group per
+# program) and the split kernels (a chunk of positions [s_lo, s_hi) per
+# program): each loops over the group's channel tiles and the given positions.
+@triton.jit
+def _shift(xg, add_ptr, n, g, C, S, D, HAS_ADD: tl.constexpr, CL: tl.constexpr, ACC: tl.constexpr,
+           BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, I64: tl.constexpr):
+    """K, the mean of h = x + add over the group's first tile: the shift the
+    statistics are taken around (the same in every program of a group)."""
+    d, offs, mask = _tile(0, 0, D, S, C, BLOCK_D, BLOCK_S, CL, I64)
+    c = g * D + d
+    add = _params(add_ptr, add_ptr, add_ptr, add_ptr, add_ptr, c, n * C + c, d < D,
+                  False, False, HAS_ADD, False, False, ACC)[0]
+    x = tl.load(xg + offs, mask=mask, other=0.0).to(ACC)
+    k = (tl.zeros([], ACC) + tl.minimum(D, BLOCK_D)) * tl.minimum(S, BLOCK_S)
+    return tl.sum(tl.sum(tl.where(mask, x + _cvec(add, CL), 0.0), axis=1), axis=0) / k
+
+
+@triton.jit
+def _centred_stats(xg, add_ptr, n, g, C, S, D, K, s_lo, s_hi, HAS_ADD: tl.constexpr, CL: tl.constexpr,
+                   ACC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, I64: tl.constexpr):
+    """(mean, M2) of d = (x - K) + add over positions [s_lo, s_hi): per tile
+    an exact (count, mean, M2) in registers, merged into the running ones
+    (Chan et al.), so there is no cancellation however many tiles."""
+    k = tl.zeros([], ACC)
+    md = tl.zeros([], ACC)
+    m2 = tl.zeros([], ACC)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        c = g * D + d
+        add = _params(add_ptr, add_ptr, add_ptr, add_ptr, add_ptr, c, n * C + c, d < D,
+                      False, False, HAS_ADD, False, False, ACC)[0]
+        add_c = _cvec(add, CL)
+        nd = tl.minimum(D - d0, BLOCK_D)
+        for s0 in range(s_lo, s_hi, BLOCK_S):
+            d_t, offs, mask = _tile(d0, s0, D, S, C, BLOCK_D, BLOCK_S, CL, I64)
+            x = tl.load(xg + offs, mask=mask, other=0.0).to(ACC)
+            dd = tl.where(mask, (x - K) + add_c, 0.0)
+            kb = (tl.zeros([], ACC) + nd) * tl.minimum(S - s0, BLOCK_S)
+            mb = tl.sum(tl.sum(dd, axis=1), axis=0) / kb
+            db = tl.where(mask, dd - mb, 0.0)
+            m2b = tl.sum(tl.sum(db * db, axis=1), axis=0)
+            kn = k + kb
+            delta = mb - md
+            md += delta * (kb / kn)
+            m2 += m2b + delta * delta * (k * kb / kn)
+            k = kn
+    return md, m2
+
+
+@triton.jit
+def _apply(xg, yg, K, md, rstd, w_ptr, b_ptr, add_ptr, sc_ptr, sh_ptr, n, g, C, S, D, s_lo, s_hi,
+           HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_ADD: tl.constexpr, HAS_SC: tl.constexpr,
+           HAS_SH: tl.constexpr, SILU: tl.constexpr, CL: tl.constexpr, ACC: tl.constexpr,
+           BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, I64: tl.constexpr):
+    """y over positions [s_lo, s_hi) from the group's (K, mean(d), rstd)."""
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        c = g * D + d
+        add, w, b, sc1, sh = _params(w_ptr, b_ptr, add_ptr, sc_ptr, sh_ptr, c, n * C + c, d < D,
+                                     HAS_W, HAS_B, HAS_ADD, HAS_SC, HAS_SH, ACC)
+        addm_c = _cvec(add - md, CL)  # (x - K) + (add - md) = h - mean, large parts cancelled first
+        a_c = _cvec(rstd * w * sc1, CL)
+        b_c = _cvec(b * sc1 + sh, CL)
+        for s0 in range(s_lo, s_hi, BLOCK_S):
+            d_t, offs, mask = _tile(d0, s0, D, S, C, BLOCK_D, BLOCK_S, CL, I64)
+            x = tl.load(xg + offs, mask=mask, other=0.0).to(ACC)
+            z = ((x - K) + addm_c) * a_c + b_c
+            if SILU:
+                z = z * _sigmoid(z)
+            tl.store(yg + offs, z.to(yg.dtype.element_ty), mask=mask)
+
+
 @triton.jit(do_not_specialize=["eps_bits"])  # a float's bit pattern: no specialisation on its value
 def _gn_fwd_kernel(x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, add_ptr, sc_ptr, sh_ptr,
                    C, S, G, D, eps_bits,
@@ -205,59 +277,13 @@ def _gn_fwd_kernel(x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, add_ptr, sc_p
             z = z * _sigmoid(z)
         tl.store(yg + offs, z.to(y_ptr.dtype.element_ty), mask=mask)
     else:
-        # K: the mean of the first tile (read again just below: cache-hot)
-        d_1, offs_1, mask_1 = _tile(0, 0, D, S, C, BLOCK_D, BLOCK_S, CL, I64)
-        c_1 = g * D + d_1
-        add_1, w_1, b_1, sc1_1, sh_1 = _params(w_ptr, b_ptr, add_ptr, sc_ptr, sh_ptr, c_1, n * C + c_1, d_1 < D,
-                                                  False, False, HAS_ADD, False, False, ACC)
-        x_1 = tl.load(xg + offs_1, mask=mask_1, other=0.0).to(ACC)
-        k_1 = (tl.zeros([], ACC) + tl.minimum(D, BLOCK_D)) * tl.minimum(S, BLOCK_S)
-        K = tl.sum(tl.sum(tl.where(mask_1, x_1 + _cvec(add_1, CL), 0.0), axis=1), axis=0) / k_1
-        # pass 1: per tile an exact (count, mean, M2) of d in registers, merged
-        # into the running ones (Chan et al.): no cancellation however many tiles
-        k = tl.zeros([], ACC)
-        md = tl.zeros([], ACC)
-        m2 = tl.zeros([], ACC)
-        for d0 in range(0, D, BLOCK_D):
-            d = d0 + tl.arange(0, BLOCK_D)
-            dm = d < D
-            c = g * D + d
-            add, w, b, sc1, sh = _params(w_ptr, b_ptr, add_ptr, sc_ptr, sh_ptr, c, n * C + c, dm,
-                                         HAS_W, HAS_B, HAS_ADD, HAS_SC, HAS_SH, ACC)
-            add_c = _cvec(add, CL)
-            nd = tl.minimum(D - d0, BLOCK_D)
-            for s0 in range(0, S, BLOCK_S):
-                d_t, offs, mask = _tile(d0, s0, D, S, C, BLOCK_D, BLOCK_S, CL, I64)
-                x = tl.load(xg + offs, mask=mask, other=0.0).to(ACC)
-                dd = tl.where(mask, (x - K) + add_c, 0.0)
-                kb = (tl.zeros([], ACC) + nd) * tl.minimum(S - s0, BLOCK_S)
-                mb = tl.sum(tl.sum(dd, axis=1), axis=0) / kb
-                db = tl.where(mask, dd - mb, 0.0)
-                m2b = tl.sum(tl.sum(db * db, axis=1), axis=0)
-                kn = k + kb
-                delta = mb - md
-                md += delta * (kb / kn)
-                m2 += m2b + delta * delta * (k * kb / kn)
-                k = kn
+        # pass 1 over the whole group (the first tile, read for K, is cache-hot), pass 2 re-reads x
+        K = _shift(xg, add_ptr, n, g, C, S, D, HAS_ADD, CL, ACC, BLOCK_D, BLOCK_S, I64)
+        md, m2 = _centred_stats(xg, add_ptr, n, g, C, S, D, K, 0, S, HAS_ADD, CL, ACC, BLOCK_D, BLOCK_S, I64)
         mean = K + md
         rstd = 1.0 / CM.sqrt_acc(m2 / cnt + eps)
-        # pass 2: re-read and write y
-        for d0 in range(0, D, BLOCK_D):
-            d = d0 + tl.arange(0, BLOCK_D)
-            dm = d < D
-            c = g * D + d
-            add, w, b, sc1, sh = _params(w_ptr, b_ptr, add_ptr, sc_ptr, sh_ptr, c, n * C + c, dm,
-                                         HAS_W, HAS_B, HAS_ADD, HAS_SC, HAS_SH, ACC)
-            addm_c = _cvec(add - md, CL)  # (x - K) + (add - md) = h - mean, large parts cancelled first
-            a_c = _cvec(rstd * w * sc1, CL)
-            b_c = _cvec(b * sc1 + sh, CL)
-            for s0 in range(0, S, BLOCK_S):
-                d_t, offs, mask = _tile(d0, s0, D, S, C, BLOCK_D, BLOCK_S, CL, I64)
-                x = tl.load(xg + offs, mask=mask, other=0.0).to(ACC)
-                z = ((x - K) + addm_c) * a_c + b_c
-                if SILU:
-                    z = z * _sigmoid(z)
-                tl.store(yg + offs, z.to(y_ptr.dtype.element_ty), mask=mask)
+        _apply(xg, yg, K, md, rstd, w_ptr, b_ptr, add_ptr, sc_ptr, sh_ptr, n, g, C, S, D, 0, S,
+               HAS_W, HAS_B, HAS_ADD, HAS_SC, HAS_SH, SILU, CL, ACC, BLOCK_D, BLOCK_S, I64)
     tl.store(mean_ptr + pid, mean.to(mean_ptr.dtype.element_ty))
     tl.store(rstd_ptr + pid, rstd.to(rstd_ptr.dtype.element_ty))
 
@@ -277,36 +303,10 @@ def _gn_split_stats_kernel(x_ptr, add_ptr, part_ptr, C, S, G, D, CS, SPLIT,
     j = tl.program_id(1)
     n, g, base = _group_base(pid, C, S, G, D, CL)
     xg = x_ptr + base
-    d_1, offs_1, mask_1 = _tile(0, 0, D, S, C, BLOCK_D, BLOCK_S, CL, I64)
-    c_1 = g * D + d_1
-    add_1 = tl.load(add_ptr + n * C + c_1, mask=d_1 < D, other=0.0).to(ACC) if HAS_ADD else tl.zeros([BLOCK_D], ACC)
-    x_1 = tl.load(xg + offs_1, mask=mask_1, other=0.0).to(ACC)
-    k_1 = (tl.zeros([], ACC) + tl.minimum(D, BLOCK_D)) * tl.minimum(S, BLOCK_S)
-    K = tl.sum(tl.sum(tl.where(mask_1, x_1 + _cvec(add_1, CL), 0.0), axis=1), axis=0) / k_1
+    K = _shift(xg, add_ptr, n, g, C, S, D, HAS_ADD, CL, ACC, BLOCK_D, BLOCK_S, I64)
     s_lo = j * CS
     s_hi = tl.minimum(S, s_lo + CS)  # CS is a multiple of BLOCK_S: tiles never cross into the next chunk
-    k = tl.zeros([], ACC)
-    md = tl.zeros([], ACC)
-    m2 = tl.zeros([], ACC)
-    for d0 in range(0, D, BLOCK_D):
-        d = d0 + tl.arange(0, BLOCK_D)
-        c = g * D + d
-        add = tl.load(add_ptr + n * C + c, mask=d < D, other=0.0).to(ACC) if HAS_ADD else tl.zeros([BLOCK_D], ACC)
-        add_c = _cvec(add, CL)
-        nd = tl.minimum(D - d0, BLOCK_D)
-        for s0 in range(s_lo, s_hi, BLOCK_S):
-            d_t, offs, mask = _tile(d0, s0, D, S, C, BLOCK_D, BLOCK_S, CL, I64)
-            x = tl.load(xg + offs, mask=mask, other=0.0).to(ACC)
-            dd = tl.where(mask, (x - K) + add_c, 0.0)
-            kb = (tl.zeros([], ACC) + nd) * tl.minimum(S - s0, BLOCK_S)
-            mb = tl.sum(tl.sum(dd, axis=1), axis=0) / kb
-            db = tl.where(mask, dd - mb, 0.0)
-            m2b = tl.sum(tl.sum(db * db, axis=1), axis=0)
-            kn = k + kb
-            delta = mb - md
-            md += delta * (kb / kn)
-            m2 += m2b + delta * delta * (k * kb / kn)
-            k = kn
+    md, m2 = _centred_stats(xg, add_ptr, n, g, C, S, D, K, s_lo, s_hi, HAS_ADD, CL, ACC, BLOCK_D, BLOCK_S, I64)
     o = (pid * SPLIT + j) * 3
     tl.store(part_ptr + o, K)
     tl.store(part_ptr + o + 1, md)
@@ -325,29 +325,13 @@ def _gn_split_apply_kernel(x_ptr, y_ptr, k_ptr, md_ptr, rstd_ptr, w_ptr, b_ptr, 
     pid = tl.program_id(0)
     j = tl.program_id(1)
     n, g, base = _group_base(pid, C, S, G, D, CL)
-    xg = x_ptr + base
-    yg = y_ptr + base
     K = tl.load(k_ptr + pid).to(ACC)
     md = tl.load(md_ptr + pid).to(ACC)
     rstd = tl.load(rstd_ptr + pid).to(ACC)
     s_lo = j * CS
-    s_hi = tl.minimum(S, s_lo + CS)
-    for d0 in range(0, D, BLOCK_D):
-        d = d0 + tl.arange(0, BLOCK_D)
-        dm = d < D
-        c = g * D + d
-        add, w, b, sc1, sh = _params(w_ptr, b_ptr, add_ptr, sc_ptr, sh_ptr, c, n * C + c, dm,
-                                     HAS_W, HAS_B, HAS_ADD, HAS_SC, HAS_SH, ACC)
-        addm_c = _cvec(add - md, CL)
-        a_c = _cvec(rstd * w * sc1, CL)
-        b_c = _cvec(b * sc1 + sh, CL)
-        for s0 in range(s_lo, s_hi, BLOCK_S):
-            d_t, offs, mask = _tile(d0, s0, D, S, C, BLOCK_D, BLOCK_S, CL, I64)
-            x = tl.load(xg + offs, mask=mask, other=0.0).to(ACC)
-            z = ((x - K) + addm_c) * a_c + b_c
-            if SILU:
-                z = z * _sigmoid(z)
-            tl.store(yg + offs, z.to(y_ptr.dtype.element_ty), mask=mask)
+    _apply(x_ptr + base, y_ptr + base, K, md, rstd, w_ptr, b_ptr, add_ptr, sc_ptr, sh_ptr, n, g, C, S, D,
+           s_lo, tl.minimum(S, s_lo + CS), HAS_W, HAS_B, HAS_ADD, HAS_SC, HAS_SH, SILU, CL, ACC,
+           BLOCK_D, BLOCK_S, I64)
 
 
 @triton.jit
@@ -380,6 +364,39 @@ def _bwd_store_vecs(A, B, w, b, sc1, nc, dm, dsc_ptr, dsh_ptr, wa_ptr, wb_ptr,
 
 
 @triton.jit
+def _bwd_sums(dyg, xg, mean, rstd, add_c, gz_c, beta_c, d0, s_lo, s_hi, C, S, D,
+              SILU: tl.constexpr, CL: tl.constexpr, ACC: tl.constexpr,
+              BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, I64: tl.constexpr):
+    """Per-channel A = sum dz and B = sum dz xhat of the channel tile at d0
+    over positions [s_lo, s_hi)."""
+    A = tl.zeros([BLOCK_D], ACC)
+    B = tl.zeros([BLOCK_D], ACC)
+    for s0 in range(s_lo, s_hi, BLOCK_S):
+        d_t, offs, mask = _tile(d0, s0, D, S, C, BLOCK_D, BLOCK_S, CL, I64)
+        xhat, dz = _bwd_tile(dyg, xg, offs, mask, mean, add_c, rstd, gz_c, beta_c, SILU, CL, ACC)
+        A += _ssum(dz, CL)
+        B += _ssum(dz * xhat, CL)
+    return A, B
+
+
+@triton.jit
+def _bwd_dx(dyg, xg, dxg, mean, rstd, s1, s2, add_c, gz_c, beta_c, d0, s_lo, s_hi, C, S, D,
+            HAS_ADD: tl.constexpr, SILU: tl.constexpr, CL: tl.constexpr, ACC: tl.constexpr,
+            BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, I64: tl.constexpr):
+    """dx of the channel tile at d0 over positions [s_lo, s_hi); returns its
+    per-channel sums (d add) when HAS_ADD."""
+    dsum = tl.zeros([BLOCK_D], ACC)
+    for s0 in range(s_lo, s_hi, BLOCK_S):
+        d_t, offs, mask = _tile(d0, s0, D, S, C, BLOCK_D, BLOCK_S, CL, I64)
+        xhat, dz = _bwd_tile(dyg, xg, offs, mask, mean, add_c, rstd, gz_c, beta_c, SILU, CL, ACC)
+        dx = rstd * (dz * gz_c - s1 - xhat * s2)
+        tl.store(dxg + offs, dx.to(dxg.dtype.element_ty), mask=mask)
+        if HAS_ADD:
+            dsum += _ssum(tl.where(mask, dx, 0.0), CL)
+    return dsum
+
+
+@triton.jit
 def _gn_split_bwd_sums_kernel(dy_ptr, x_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, add_ptr, sc_ptr, sh_ptr, ab_ptr,
                               C, S, G, D, CS, SPLIT,
                               HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_ADD: tl.constexpr, HAS_SC: tl.constexpr,
@@ -390,8 +407,6 @@ def _gn_split_bwd_sums_kernel(dy_ptr, x_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, a
     pid = tl.program_id(0)
     j = tl.program_id(1)
     n, g, base = _group_base(pid, C, S, G, D, CL)
-    xg = x_ptr + base
-    dyg = dy_ptr + base
     mean = tl.load(mean_ptr + pid).to(ACC)
     rstd = tl.load(rstd_ptr + pid).to(ACC)
     s_lo = j * CS
@@ -403,16 +418,8 @@ def _gn_split_bwd_sums_kernel(dy_ptr, x_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, a
         c = g * D + d
         add, w, b, sc1, sh = _params(w_ptr, b_ptr, add_ptr, sc_ptr, sh_ptr, c, n * C + c, dm,
                                      HAS_W, HAS_B, HAS_ADD, HAS_SC, HAS_SH, ACC)
-        add_c = _cvec(add, CL)
-        gz_c = _cvec(w * sc1, CL)
-        beta_c = _cvec(b * sc1 + sh, CL)
-        A = tl.zeros([BLOCK_D], ACC)
-        B = tl.zeros([BLOCK_D], ACC)
-        for s0 in range(s_lo, s_hi, BLOCK_S):
-            d_t, offs, mask = _tile(d0, s0, D, S, C, BLOCK_D, BLOCK_S, CL, I64)
-            xhat, dz = _bwd_tile(dyg, xg, offs, mask, mean, add_c, rstd, gz_c, beta_c, SILU, CL, ACC)
-            A += _ssum(dz, CL)
-            B += _ssum(dz * xhat, CL)
+        A, B = _bwd_sums(dy_ptr + base, x_ptr + base, mean, rstd, _cvec(add, CL), _cvec(w * sc1, CL),
+                         _cvec(b * sc1 + sh, CL), d0, s_lo, s_hi, C, S, D, SILU, CL, ACC, BLOCK_D, BLOCK_S, I64)
         tl.store(ab_ptr + o + d, A, mask=dm)
         tl.store(ab_ptr + o + D + d, B, mask=dm)
 
@@ -428,9 +435,6 @@ def _gn_split_bwd_dx_kernel(dy_ptr, x_ptr, mean_ptr, rstd_ptr, s1_ptr, s2_ptr, w
     pid = tl.program_id(0)
     j = tl.program_id(1)
     n, g, base = _group_base(pid, C, S, G, D, CL)
-    xg = x_ptr + base
-    dyg = dy_ptr + base
-    dxg = dx_ptr + base
     mean = tl.load(mean_ptr + pid).to(ACC)
     rstd = tl.load(rstd_ptr + pid).to(ACC)
     s1 = tl.load(s1_ptr + pid).to(ACC)
@@ -443,17 +447,9 @@ def _gn_split_bwd_dx_kernel(dy_ptr, x_ptr, mean_ptr, rstd_ptr, s1_ptr, s2_ptr, w
         c = g * D + d
         add, w, b, sc1, sh = _params(w_ptr, b_ptr, add_ptr, sc_ptr, sh_ptr, c, n * C + c, dm,
                                      HAS_W, HAS_B, HAS_ADD, HAS_SC, HAS_SH, ACC)
-        add_c = _cvec(add, CL)
-        gz_c = _cvec(w * sc1, CL)
-        beta_c = _cvec(b * sc1 + sh, CL)
-        dsum = tl.zeros([BLOCK_D], ACC)
-        for s0 in range(s_lo, s_hi, BLOCK_S):
-            d_t, offs, mask = _tile(d0, s0, D, S, C, BLOCK_D, BLOCK_S, CL, I64)
-            xhat, dz = _bwd_tile(dyg, xg, offs, mask, mean, add_c, rstd, gz_c, beta_c, SILU, CL, ACC)
-            dx = rstd * (dz * gz_c - s1 - xhat * s2)
-            tl.store(dxg + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-            if HAS_ADD:
-                dsum += _ssum(tl.where(mask, dx, 0.0), CL)
+        dsum = _bwd_dx(dy_ptr + base, x_ptr + base, dx_ptr + base, mean, rstd, s1, s2, _cvec(add, CL),
+                       _cvec(w * sc1, CL), _cvec(b * sc1 + sh, CL), d0, s_lo, s_hi, C, S, D,
+                       HAS_ADD, SILU, CL, ACC, BLOCK_D, BLOCK_S, I64)
         if HAS_ADD:
             tl.store(dpart_ptr + (pid * SPLIT + j) * D + d, dsum, mask=dm)
 
@@ -504,16 +500,8 @@ def _gn_bwd_kernel(dy_ptr, x_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, add_ptr, sc_
             add, w, b, sc1, sh = _params(w_ptr, b_ptr, add_ptr, sc_ptr, sh_ptr, c, nc, dm,
                                          HAS_W, HAS_B, HAS_ADD, HAS_SC, HAS_SH, ACC)
             gz = w * sc1
-            add_c = _cvec(add, CL)
-            gz_c = _cvec(gz, CL)
-            beta_c = _cvec(b * sc1 + sh, CL)
-            A = tl.zeros([BLOCK_D], ACC)
-            B = tl.zeros([BLOCK_D], ACC)
-            for s0 in range(0, S, BLOCK_S):
-                d_t, offs, mask = _tile(d0, s0, D, S, C, BLOCK_D, BLOCK_S, CL, I64)
-                xhat, dz = _bwd_tile(dyg, xg, offs, mask, mean, add_c, rstd, gz_c, beta_c, SILU, CL, ACC)
-                A += _ssum(dz, CL)
-                B += _ssum(dz * xhat, CL)
+            A, B = _bwd_sums(dyg, xg, mean, rstd, _cvec(add, CL), _cvec(gz, CL), _cvec(b * sc1 + sh, CL),
+                             d0, 0, S, C, S, D, SILU, CL, ACC, BLOCK_D, BLOCK_S, I64)
             s1 += tl.sum(gz * A, axis=0)
             s2 += tl.sum(gz * B, axis=0)
             _bwd_store_vecs(A, B, w, b, sc1, nc, dm, dsc_ptr, dsh_ptr, wa_ptr, wb_ptr,
@@ -528,17 +516,8 @@ def _gn_bwd_kernel(dy_ptr, x_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, add_ptr, sc_
             nc = n * C + c
             add, w, b, sc1, sh = _params(w_ptr, b_ptr, add_ptr, sc_ptr, sh_ptr, c, nc, dm,
                                          HAS_W, HAS_B, HAS_ADD, HAS_SC, HAS_SH, ACC)
-            add_c = _cvec(add, CL)
-            gz_c = _cvec(w * sc1, CL)
-            beta_c = _cvec(b * sc1 + sh, CL)
-            dsum = tl.zeros([BLOCK_D], ACC)
-            for s0 in range(0, S, BLOCK_S):
-                d_t, offs, mask = _tile(d0, s0, D, S, C, BLOCK_D, BLOCK_S, CL, I64)
-                xhat, dz = _bwd_tile(dyg, xg, offs, mask, mean, add_c, rstd, gz_c, beta_c, SILU, CL, ACC)
-                dx = rstd * (dz * gz_c - s1 - xhat * s2)
-                tl.store(dxg + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-                if HAS_ADD:
-                    dsum += _ssum(tl.where(mask, dx, 0.0), CL)
+            dsum = _bwd_dx(dyg, xg, dxg, mean, rstd, s1, s2, _cvec(add, CL), _cvec(w * sc1, CL),
+                           _cvec(b * sc1 + sh, CL), d0, 0, S, C, S, D, HAS_ADD, SILU, CL, ACC, BLOCK_D, BLOCK_S, I64)
             if HAS_ADD:
                 tl.store(dadd_ptr + nc, dsum.to(dadd_ptr.dtype.element_ty), mask=dm)
 
