@@ -69,6 +69,17 @@ class GaussianDiffusion(nn.Module):
             Nichol & Dhariwal 2021, see :meth:`forward`).
         clip_sample, clip_sample_range: clamp the predicted x0 to
             +-clip_sample_range while sampling and in :meth:`nll`.
+        cond_drop_prob: classifier-free guidance training: in :meth:`forward`
+            (training mode), each sample's conditioning is replaced by the
+            model's ``null_condition`` with this probability (0: never).
+
+    Conditioning: ``class_labels`` (int64 (N,)) and/or ``context`` (float
+    (N, L, D)) given to :meth:`forward`, :meth:`sample` or :meth:`nll` reach
+    the model as keywords, ``model(x_t, t, class_labels=..., context=...)``
+    (only those given; unconditional calls are ``model(x_t, t)``). A model
+    with a ``num_classes`` attribute that is not None and a
+    ``null_condition(class_labels=..., context=...)`` method (such as
+    :class:`fastdiff.nn.UNet`) gets its null label when no labels are given.
 
     The schedule tables (``betas``, ``alphas_cumprod``, posterior
     coefficients) are float64 non-persistent buffers: ``.to(device)`` moves
@@ -79,7 +90,7 @@ class GaussianDiffusion(nn.Module):
     def __init__(self, model: nn.Module, schedule: Union[NoiseSchedule, str] = "linear", *,
                  num_timesteps: int = 1000, sample_shape: Optional[tuple] = None, target: str = "epsilon",
                  weighting: str = "uniform", snr_gamma: float = 5.0, variance_type: str = "fixed_small",
-                 clip_sample: bool = True, clip_sample_range: float = 1.0):
+                 clip_sample: bool = True, clip_sample_range: float = 1.0, cond_drop_prob: float = 0.0):
         super().__init__()
         if not callable(model):
             raise TypeError(f"model must be a callable nn.Module, got {type(model).__name__}")
@@ -101,6 +112,10 @@ class GaussianDiffusion(nn.Module):
             raise ValueError(f"variance_type must be one of {VARIANCE_TYPES}, got {variance_type!r}")
         if clip_sample and not clip_sample_range > 0:
             raise ValueError(f"clip_sample_range must be > 0, got {clip_sample_range}")
+        if isinstance(cond_drop_prob, bool) or not isinstance(cond_drop_prob, (int, float)) or \
+                not 0.0 <= cond_drop_prob <= 1.0:
+            raise ValueError(f"cond_drop_prob must be a number in [0, 1], got {cond_drop_prob!r}")
+        self.cond_drop_prob = float(cond_drop_prob)
         self.model = model
         self.num_timesteps = schedule.num_timesteps
         self.sample_shape = _check_shape(sample_shape) if sample_shape is not None else None
@@ -170,7 +185,9 @@ class GaussianDiffusion(nn.Module):
                     sample_shape=list(self.sample_shape) if self.sample_shape is not None else None,
                     target=self.target, weighting=self.weighting, snr_gamma=self.snr_gamma,
                     variance_type=self.variance_type, clip_sample=self.clip_sample,
-                    clip_sample_range=self.clip_sample_range)
+                    clip_sample_range=self.clip_sample_range,
+                    # only when set, so unconditional configs are unchanged
+                    **({"cond_drop_prob": self.cond_drop_prob} if self.cond_drop_prob else {}))
 
     @classmethod
     def from_config(cls, model: nn.Module, config: dict) -> "GaussianDiffusion":
@@ -245,9 +262,47 @@ class GaussianDiffusion(nn.Module):
                 return p.dtype
         return None
 
-    def _call(self, model_fn, x: Tensor, t: Tensor, in_dtype=None) -> Tensor:
-        """model(x, t), unwrapped, shape-checked and cast to x's dtype."""
-        out = model_fn(x if in_dtype is None or in_dtype == x.dtype else x.to(in_dtype), t)
+    # ------------------------------------------------------- conditioning --
+    def _condition(self, n: int, device, class_labels=None, context=None, default_null: bool = False) -> dict:
+        """The conditioning keywords for a batch of n, checked and moved to
+        ``device``: {} when none is given (with ``default_null``: the null label
+        for a class-conditional model, whose forward requires labels)."""
+        cond = {}
+        if class_labels is not None:
+            if isinstance(class_labels, int) and not isinstance(class_labels, bool):
+                class_labels = torch.full((n,), class_labels, dtype=torch.int64)
+            y = torch.as_tensor(class_labels)
+            if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+                raise TypeError(f"class_labels must be integers, got {y.dtype}")
+            if y.shape != (n,):
+                raise ValueError(f"class_labels must have shape ({n},), got {tuple(y.shape)}")
+            cond["class_labels"] = y.to(device=device, dtype=torch.int64)
+        if context is not None:
+            if not isinstance(context, torch.Tensor) or not context.is_floating_point() or context.dim() != 3 \
+                    or context.shape[0] != n:
+                got = tuple(context.shape) if isinstance(context, torch.Tensor) else type(context).__name__
+                raise ValueError(f"context must be a float tensor of shape ({n}, L, D), got {got}")
+            cond["context"] = context.to(device)
+        if not cond and default_null and getattr(self.model, "num_classes", None) is not None and \
+                hasattr(self.model, "null_condition"):
+            cond = self.model.null_condition(class_labels=torch.zeros(n, dtype=torch.int64, device=device))
+        return cond
+
+    def _null(self, cond: dict) -> dict:
+        """The unconditional stand-in of ``cond`` (the model's null_condition;
+        zeros for a context when the model has none)."""
+        fn = getattr(self.model, "null_condition", None)
+        if fn is not None:
+            return fn(**cond)
+        if "class_labels" in cond:
+            raise ValueError(f"classifier-free guidance with class_labels needs the model's null label: "
+                             f"{type(self.model).__name__} has no null_condition(class_labels=...) method")
+        return {"context": torch.zeros_like(cond["context"])}
+
+    def _call(self, model_fn, x: Tensor, t: Tensor, in_dtype=None, cond: Optional[dict] = None) -> Tensor:
+        """model(x, t, **cond), unwrapped, shape-checked and cast to x's dtype."""
+        xin = x if in_dtype is None or in_dtype == x.dtype else x.to(in_dtype)
+        out = model_fn(xin, t, **cond) if cond else model_fn(xin, t)
         if not isinstance(out, torch.Tensor):
             if hasattr(out, "sample"):
                 out = out.sample
@@ -270,7 +325,8 @@ class GaussianDiffusion(nn.Module):
 
     # ---------------------------------------------------------------- loss --
     def forward(self, x0: Tensor, *, t=None, generator: Optional[torch.Generator] = None,
-                reduction: str = "mean", check_finite: Optional[bool] = None) -> Tensor:
+                reduction: str = "mean", check_finite: Optional[bool] = None, class_labels=None,
+                context: Optional[Tensor] = None) -> Tensor:
         """The training loss on a batch of clean data.
 
         x_t is made by the fused ``q_sample`` with in-kernel noise drawn from a
@@ -291,6 +347,11 @@ class GaussianDiffusion(nn.Module):
             check_finite: raise on NaN/inf in x0. Default: checked when x0 is
                 on the CPU only (on a GPU the check would synchronise every
                 training step).
+            class_labels, context: the conditioning (see the class docstring).
+                In training mode with ``cond_drop_prob`` > 0 each sample's is
+                replaced by the null condition with that probability, decided
+                by uniforms drawn from ``generator`` after t and the noise key
+                (so a seeded run, and a resumed one, drops the same samples).
 
         Returns: the loss, float32 scalar (or (N,) with reduction="none").
         """
@@ -307,8 +368,14 @@ class GaussianDiffusion(nn.Module):
             t = self._timesteps(t, n, dev)
         sched = self.schedule
         key = _ops.draw_key(generator, dev).to(dev)
+        cond = self._condition(n, dev, class_labels, context, default_null=True)
+        if cond and self.training and self.cond_drop_prob > 0 and (class_labels is not None or context is not None):
+            gdev = generator.device if generator is not None else dev
+            drop = torch.rand(n, generator=generator, device=gdev).to(dev) < self.cond_drop_prob
+            null = self._null(cond)
+            cond = {k: torch.where(drop.reshape((n,) + (1,) * (v.dim() - 1)), null[k], v) for k, v in cond.items()}
         x_t, _ = _ops.q_sample(x0, t, sched, key=key, return_noise=False)
-        out = self._call(self.model, x_t, t)
+        out = self._call(self.model, x_t, t, cond=cond)
         pred, var = self._split(out, x0.shape[1])
         loss = _ops.diffusion_loss(pred, x0, t, sched, key=key, target=self.target, weighting=self.weighting,
                                    snr_gamma=self.snr_gamma, reduction="none")
@@ -381,7 +448,7 @@ class GaussianDiffusion(nn.Module):
 
     @torch.no_grad()
     def nll(self, x0: Tensor, *, generator: Optional[torch.Generator] = None, progress: bool = False,
-            batch_timesteps: Optional[int] = None) -> dict:
+            batch_timesteps: Optional[int] = None, class_labels=None, context: Optional[Tensor] = None) -> dict:
         """The variational bound on -log p(x0) in bits/dim (DDPM paper, eq. 5).
 
         bpd = L_prior + sum_{t=0}^{T-1} L_t with L_prior = KL(q(x_T|x0) || N(0,I)),
@@ -399,6 +466,8 @@ class GaussianDiffusion(nn.Module):
             batch_timesteps: how many timesteps share one model call (the
                 model sees N * batch_timesteps rows). Default: as many as keep
                 that near 256 rows (at least 1).
+            class_labels, context: the conditioning of each x0 (a conditional
+                bound); none given to a class-conditional model: its null label.
 
         Returns: a dict of float64 per-sample tensors: ``bpd`` (N,),
         ``prior_bpd`` (N,), ``decoder_bpd`` (N,) (= L_0, also
@@ -412,6 +481,7 @@ class GaussianDiffusion(nn.Module):
             raise ValueError(f"batch_timesteps must be a positive int, got {batch_timesteps!r}")
         k = min(batch_timesteps, T)
         in_dtype = self._model_dtype()
+        cond = self._condition(n, dev, class_labels, context, default_null=True)
         vb = torch.empty(n, T, dtype=torch.float64, device=dev)
         starts = range(0, T, k)
         for s in _progress(starts, progress, "nll"):
@@ -421,7 +491,8 @@ class GaussianDiffusion(nn.Module):
             tb = ts.repeat_interleave(n)
             key = _ops.draw_key(generator, dev).to(dev)
             x_t, _ = _ops.q_sample(xb, tb, self.alphas_cumprod, key=key, return_noise=False)
-            out = self._call(self.model, x_t, tb, in_dtype)
+            cm = {k: v.repeat((m,) + (1,) * (v.dim() - 1)) for k, v in cond.items()}
+            out = self._call(self.model, x_t, tb, in_dtype, cond=cm)
             rows = slice(0, n) if s == 0 else slice(0, 0)  # t = 0 only in the first n rows of the first chunk
             vb[:, s:s + m] = self._vb_terms(xb, x_t, tb, out, rows).reshape(m, n).T
         prior = self.prior_bpd(x0)
@@ -432,7 +503,9 @@ class GaussianDiffusion(nn.Module):
     def sample(self, n: int, *, steps: Optional[int] = None, method: str = "ddpm", eta: float = 0.0,
                spacing: str = "leading", generator: Optional[torch.Generator] = None, x_T: Optional[Tensor] = None,
                cuda_graph: Optional[bool] = None, compile_model: bool = False, progress: bool = False,
-               return_trajectory: bool = False, device=None, dtype=None, order: Optional[int] = None):
+               return_trajectory: bool = False, device=None, dtype=None, order: Optional[int] = None,
+               class_labels=None, context: Optional[Tensor] = None, guidance_scale: float = 1.0,
+               guidance_rescale: float = 0.0):
         """Draw samples with a fused sampler step (DDPM, DDIM, DPM-Solver++,
         UniPC, Euler, Euler ancestral).
 
@@ -473,6 +546,21 @@ class GaussianDiffusion(nn.Module):
                 parameters' dtype.
             order: the solver order of ``dpmsolver++`` / ``unipc`` (1, 2 or 3;
                 default 2); must be None for the other methods.
+            class_labels: int64 (n,) labels (or one int for all), context:
+                (n, L, D); passed to the model as keywords. A class-conditional
+                model given neither samples with its null label (unconditional).
+            guidance_scale: classifier-free guidance weight w. With a condition
+                and w != 1 every step runs the model once on the concatenated
+                [conditional; unconditional] batch (2n rows; the unconditional
+                half gets the model's ``null_condition``) and the fused step
+                combines the two predictions, out_u + w (out_c - out_u), inside
+                its launch (``uncond_output=``/``guidance_scale=`` of the step
+                ops; every method). w == 1 (or no condition): the plain
+                conditional step.
+            guidance_rescale: rescale the guided prediction towards the
+                conditional one's per-sample standard deviation (Lin et al.
+                2023, as diffusers' ``guidance_rescale``), in [0, 1]; done in
+                the same fused step. Needs guidance.
 
         The model runs in whatever mode it is in (call ``.eval()`` first if it
         has dropout). The whole loop runs without host synchronisation: the timestep table,
@@ -505,7 +593,23 @@ class GaussianDiffusion(nn.Module):
                 raise ValueError(f"order must be 1, 2 or 3 for method={method!r}, got {order!r}")
         elif order is not None:
             raise ValueError(f"order is a dpmsolver++/unipc parameter, got order={order!r} with method={method!r}")
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or \
+                not math.isfinite(guidance_scale):
+            raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
+        if isinstance(guidance_rescale, bool) or not isinstance(guidance_rescale, (int, float)) or \
+                not 0.0 <= guidance_rescale <= 1.0:
+            raise ValueError(f"guidance_rescale must be a number in [0, 1], got {guidance_rescale!r}")
         device = torch.device(device) if device is not None else self.device
+        cond = self._condition(n, device, class_labels, context)
+        guided = bool(cond) and guidance_scale != 1.0
+        if guidance_rescale and not guided:
+            raise ValueError("guidance_rescale needs guidance: pass class_labels/context and guidance_scale != 1")
+        if guided:
+            null = self._null(cond)
+            cond = {k: torch.cat([v, null[k]]) for k, v in cond.items()}  # [cond; uncond], one 2n model call
+            guide = dict(guidance_scale=float(guidance_scale), guidance_rescale=float(guidance_rescale))
+        elif not cond:
+            cond = self._condition(n, device, default_null=True)
         dtype = dtype or torch.float32
         if dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
             raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
@@ -536,13 +640,22 @@ class GaussianDiffusion(nn.Module):
             raise ValueError(f"cuda_graph=True needs a CUDA device, got {device}")
         final_x0, view, reset = True, None, None
         if method in MULTISTEP_METHODS:
-            step, x, view, reset = self._multistep(method, order, steps, spacing, x, device, model_fn, in_dtype)
+            step, x, view, reset = self._multistep(method, order, steps, spacing, x, device, model_fn, in_dtype,
+                                                   cond, guide if guided else None)
             final_x0 = False
         else:
             def step(x, t, tp, key):
-                out = self._call(model_fn, x, t, in_dtype)
                 common = dict(t_prev=tp, prediction_type=self.target, clip_sample=self.clip_sample,
                               clip_sample_range=self.clip_sample_range, key=key)
+                if guided:
+                    out, out_u = self._call_guided(model_fn, x, t, in_dtype, cond)
+                    if method == "ddpm":
+                        return _ops.ddpm_step(out, t, x, abar, variance_type=self.variance_type, uncond_output=out_u,
+                                              **guide, **common)
+                    return _ops.ddim_step(self._split(out, x.shape[1])[0], t, x, abar, eta=float(eta),
+                                          final_alpha_cumprod=1.0, uncond_output=self._split(out_u, x.shape[1])[0],
+                                          **guide, **common)
+                out = self._call(model_fn, x, t, in_dtype, cond)
                 if method == "ddpm":
                     return _ops.ddpm_step(out, t, x, abar, variance_type=self.variance_type, **common)
                 pred, _ = self._split(out, x.shape[1])
@@ -567,7 +680,14 @@ class GaussianDiffusion(nn.Module):
                 traj.append((x if view is None else view(i, x)).clone())
         return x
 
-    def _multistep(self, method, order, steps, spacing, x, device, model_fn, in_dtype):
+    def _call_guided(self, model_fn, x: Tensor, t: Tensor, in_dtype, cond: dict) -> tuple[Tensor, Tensor]:
+        """(conditional, unconditional) outputs from one model call on the
+        concatenated 2n batch (``cond`` already holds [cond; null])."""
+        n = x.shape[0]
+        out = self._call(model_fn, torch.cat([x, x]), torch.cat([t, t]), in_dtype, cond)
+        return out[:n], out[n:]
+
+    def _multistep(self, method, order, steps, spacing, x, device, model_fn, in_dtype, cond=None, guide=None):
         """(step, x on the sampler's scale, view, reset) for a multistep
         sampler: the float64 coefficient table, the step counter and the
         zero-initialised history live on ``device``; ``step`` is the model
@@ -618,7 +738,12 @@ class GaussianDiffusion(nn.Module):
                 xin = (x.to(torch.float32 if x.dtype != torch.float64 else x.dtype)
                        * scale.index_select(0, counter.reshape(1)).to(torch.float32 if x.dtype != torch.float64
                                                                        else x.dtype)).to(x.dtype)
-            out = self._call(model_fn, xin, t, in_dtype)
+            if guide is not None:
+                out, out_u = self._call_guided(model_fn, xin, t, in_dtype, cond)
+                return _multistep_step(self._split(out, x.shape[1])[0], x, hist, last, coeffs, counter,
+                                       key=key if noisy else None, clip_range=clip,
+                                       uncond_output=self._split(out_u, x.shape[1])[0], **guide)
+            out = self._call(model_fn, xin, t, in_dtype, cond)
             pred, _ = self._split(out, x.shape[1])
             return _multistep_step(pred, x, hist, last, coeffs, counter, key=key if noisy else None,
                                    clip_range=clip)
