@@ -7,8 +7,13 @@ folder, and the CIFAR-10 python-pickle directory.
     ds = load_dataset("folder", root="faces/", image_size=64)
     ds = load_dataset("cifar10", root="data/cifar-10-batches-py")
 
-Every item is one float32 tensor (no labels). Images are (C, S, S) with
-values in [-1, 1]; 2-D data are (2,) points.
+Every item is one float32 tensor. Images are (C, S, S) with values in
+[-1, 1]; 2-D data are (2,) points. Datasets that have class labels (digits,
+CIFAR-10, an image folder with one subdirectory per class) carry them as
+``ds.labels``, an int64 (N,) tensor aligned with the items, with
+``ds.num_classes`` and ``ds.classes`` (names); the others have ``labels``
+None. The items stay plain tensors, so unconditional code is unchanged; the
+trainer reads ``labels`` for a class-conditional model.
 
 The built-in datasets and CIFAR-10 are held in memory as one tensor
 (:class:`InMemoryDataset`); the trainer gathers a batch with one indexing
@@ -45,7 +50,8 @@ class InMemoryDataset(Dataset):
     came from (used in messages).
     """
 
-    def __init__(self, data: Tensor, name: str = "tensor"):
+    def __init__(self, data: Tensor, name: str = "tensor", labels: Optional[Tensor] = None,
+                 classes: Optional[list] = None):
         if not isinstance(data, torch.Tensor) or data.dim() < 2:
             raise ValueError(f"data must be a tensor of shape (N, *sample_shape), got "
                              f"{tuple(data.shape) if isinstance(data, torch.Tensor) else type(data).__name__}")
@@ -53,6 +59,24 @@ class InMemoryDataset(Dataset):
             raise ValueError(f"dataset {name!r} is empty")
         self.data = data.to(torch.float32).contiguous()
         self.name = name
+        self.labels = self.classes = None
+        if labels is not None:
+            labels = torch.as_tensor(labels)
+            if labels.shape != (data.shape[0],) or labels.is_floating_point() or labels.dtype == torch.bool:
+                raise ValueError(f"labels must be an integer tensor of shape ({data.shape[0]},), got "
+                                 f"{labels.dtype} {tuple(labels.shape)}")
+            if labels.numel() and int(labels.min()) < 0:
+                raise ValueError("labels must be >= 0")
+            self.labels = labels.to(torch.int64).contiguous()
+            n = int(labels.max()) + 1 if labels.numel() else 0
+            self.classes = list(classes) if classes is not None else [str(i) for i in range(n)]
+            if len(self.classes) < n:
+                raise ValueError(f"{len(self.classes)} class names for labels up to {n - 1}")
+
+    @property
+    def num_classes(self) -> Optional[int]:
+        """The number of classes (None without labels)."""
+        return None if self.classes is None else len(self.classes)
 
     def __len__(self) -> int:
         return self.data.shape[0]
@@ -69,7 +93,8 @@ class InMemoryDataset(Dataset):
         return tuple(self.data.shape[1:])
 
     def __repr__(self) -> str:
-        return f"InMemoryDataset({self.name!r}, n={len(self)}, sample_shape={self.sample_shape})"
+        lab = f", num_classes={self.num_classes}" if self.labels is not None else ""
+        return f"InMemoryDataset({self.name!r}, n={len(self)}, sample_shape={self.sample_shape}{lab})"
 
 
 # ------------------------------------------------------------ swiss roll ----
@@ -109,18 +134,20 @@ def swiss_roll(n: int = 10_000, *, noise: float = 0.25, seed: int = 0) -> Tensor
 
 
 # ---------------------------------------------------------------- digits ----
-def _digits(image_size: int) -> Tensor:
+def _digits(image_size: int, with_labels: bool = False):
     try:
         from sklearn.datasets import load_digits
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError("the 'digits' dataset needs scikit-learn (pip install scikit-learn)") from e
-    images = torch.from_numpy(load_digits().images.astype(np.float32))  # (1797, 8, 8), values 0..16
+    bunch = load_digits()
+    images = torch.from_numpy(bunch.images.astype(np.float32))  # (1797, 8, 8), values 0..16
     x = (images / 16.0).unsqueeze(1)  # (N, 1, 8, 8) in [0, 1]
     if image_size != 8:
         # bilinear interpolation with antialiasing (which matters only when shrinking);
         # bilinear never overshoots, so the values stay in [0, 1]
         x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True)
-    return (x.clamp(0, 1) * 2 - 1).contiguous()
+    x = (x.clamp(0, 1) * 2 - 1).contiguous()
+    return (x, torch.from_numpy(bunch.target.astype(np.int64))) if with_labels else x
 
 
 # ---------------------------------------------------------------- folder ----
@@ -136,6 +163,11 @@ class ImageFolderDataset(Dataset):
 
     Files are read lazily, one per item; an unreadable file raises a
     ValueError naming it.
+
+    Folder-per-class: when every image sits in a subdirectory of ``root``
+    (none directly in it), the first-level subdirectory is the class:
+    ``classes`` (sorted names), ``num_classes`` and ``labels`` (int64 (N,),
+    following ``files``). Otherwise those are None.
 
     Args:
         root: directory to scan; files whose names end in one of
@@ -157,6 +189,33 @@ class ImageFolderDataset(Dataset):
         if not files:
             raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found under {self.root!r}")
         self.files = files
+        # classes are fixed by the whole folder, so a subset (load_dataset's n) keeps the same indices
+        names = [self._class_of(f) for f in files]
+        self._classes = None if any(c is None for c in names) else sorted(set(names))
+
+    def _class_of(self, path: str) -> Optional[str]:
+        rel = os.path.relpath(path, self.root)
+        parts = rel.split(os.sep)
+        return parts[0] if len(parts) > 1 else None
+
+    @property
+    def classes(self) -> Optional[list]:
+        """Sorted first-level subdirectory names, or None (images directly in root)."""
+        return None if self._classes is None else list(self._classes)
+
+    @property
+    def num_classes(self) -> Optional[int]:
+        c = self.classes
+        return None if c is None else len(c)
+
+    @property
+    def labels(self) -> Optional[Tensor]:
+        """int64 (N,) class indices of ``files`` (into ``classes``), or None."""
+        classes = self.classes
+        if classes is None:
+            return None
+        index = {c: i for i, c in enumerate(classes)}
+        return torch.tensor([index[self._class_of(f)] for f in self.files], dtype=torch.int64)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -202,7 +261,10 @@ class _ArrayUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def _cifar_batch(path: str) -> np.ndarray:
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def _cifar_batch(path: str, with_labels: bool = False):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"CIFAR-10 batch file {path!r} is missing")
     try:
@@ -212,12 +274,17 @@ def _cifar_batch(path: str) -> np.ndarray:
         data = np.asarray(data)
         if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
             raise ValueError(f"'data' must be uint8 of shape (N, 3072), got {data.dtype} {data.shape}")
+        if with_labels:
+            labels = np.asarray(d[b"labels"] if b"labels" in d else d["labels"], dtype=np.int64)
+            if labels.shape != (data.shape[0],) or (labels.size and (labels.min() < 0 or labels.max() > 9)):
+                raise ValueError(f"'labels' must be {data.shape[0]} values in 0..9, got shape {labels.shape}")
     except (pickle.UnpicklingError, EOFError, KeyError, TypeError, AttributeError, ValueError, IndexError) as e:
         raise ValueError(f"corrupt CIFAR-10 batch file {path!r}: {e}") from e
-    return data.reshape(-1, 3, 32, 32)
+    images = data.reshape(-1, 3, 32, 32)
+    return (images, labels) if with_labels else images
 
 
-def _cifar10(root: str) -> Tensor:
+def _cifar10(root: str, with_labels: bool = False):
     root = os.fspath(root)
     if not os.path.exists(root):
         raise FileNotFoundError(f"CIFAR-10 directory {root!r} does not exist (expected the python-pickle "
@@ -225,9 +292,13 @@ def _cifar10(root: str) -> Tensor:
     if not os.path.isfile(os.path.join(root, "data_batch_1")) and \
             os.path.isfile(os.path.join(root, "cifar-10-batches-py", "data_batch_1")):
         root = os.path.join(root, "cifar-10-batches-py")  # the parent directory was given
-    arrays = [_cifar_batch(os.path.join(root, f"data_batch_{i}")) for i in range(1, 6)]
+    batches = [_cifar_batch(os.path.join(root, f"data_batch_{i}"), with_labels) for i in range(1, 6)]
+    arrays = [b[0] for b in batches] if with_labels else batches
     x = torch.from_numpy(np.concatenate(arrays))  # (50000, 3, 32, 32) uint8
-    return x.to(torch.float32).div_(127.5).sub_(1.0)
+    x = x.to(torch.float32).div_(127.5).sub_(1.0)
+    if with_labels:
+        return x, torch.from_numpy(np.concatenate([b[1] for b in batches]))
+    return x
 
 
 # ----------------------------------------------------------------- public ----
@@ -237,14 +308,16 @@ def _positive_int(v, name: str) -> int:
     return int(v)
 
 
-def _subset(data: Tensor, n: Optional[int], seed: int, name: str) -> Tensor:
+def _subset(data: Tensor, n: Optional[int], seed: int, name: str, labels: Optional[Tensor] = None):
     if n is None:
-        return data
+        return data if labels is None else (data, labels)
     n = _positive_int(n, "n")
     if n > data.shape[0]:
         raise ValueError(f"n={n} exceeds the {data.shape[0]} samples of dataset {name!r}")
-    idx = torch.randperm(data.shape[0], generator=torch.Generator().manual_seed(int(seed)))[:n]
-    return data[idx.sort().values].contiguous()
+    idx = torch.randperm(data.shape[0], generator=torch.Generator().manual_seed(int(seed)))[:n].sort().values
+    if labels is not None:
+        return data[idx].contiguous(), labels[idx].contiguous()
+    return data[idx].contiguous()
 
 
 def _resize(x: Tensor, image_size: Optional[int]) -> Tensor:
@@ -256,7 +329,10 @@ def _resize(x: Tensor, image_size: Optional[int]) -> Tensor:
 
 def load_dataset(name: str, *, root: Optional[str] = None, image_size: Optional[int] = None, n: Optional[int] = None,
                  seed: int = 0) -> Dataset:
-    """A dataset by name; items are float32 tensors (no labels).
+    """A dataset by name; items are float32 tensors, with the class labels (where
+    the data have them) as ``ds.labels`` (int64 (N,)), ``ds.num_classes``,
+    ``ds.classes``: digits (0-9), CIFAR-10 (its 10 classes) and a
+    folder-per-class image directory.
 
     Args:
         name: one of :data:`DATASETS`:
@@ -298,11 +374,13 @@ def load_dataset(name: str, *, root: Optional[str] = None, image_size: Optional[
     if name == "swissroll":
         return InMemoryDataset(swiss_roll(10_000 if n is None else n, seed=seed), "swissroll")
     if name == "digits":
-        data = _subset(_digits(image_size or 16), n, seed, name)
-        return InMemoryDataset(data, f"digits-{data.shape[-1]}")
+        images, labels = _digits(image_size or 16, with_labels=True)
+        data, labels = _subset(images, n, seed, name, labels)
+        return InMemoryDataset(data, f"digits-{data.shape[-1]}", labels, [str(i) for i in range(10)])
     if name == "cifar10":
-        data = _subset(_cifar10(root), n, seed, name)
-        return InMemoryDataset(_resize(data, image_size), f"cifar10:{root}")
+        images, labels = _cifar10(root, with_labels=True)
+        data, labels = _subset(images, n, seed, name, labels)
+        return InMemoryDataset(_resize(data, image_size), f"cifar10:{root}", labels, CIFAR10_CLASSES)
     ds = ImageFolderDataset(root, image_size or 32)
     if n is not None:
         n = _positive_int(n, "n")

@@ -212,3 +212,53 @@ def test_cifar10_refuses_code_in_pickles(tmp_path):
     with pytest.raises(ValueError, match="data_batch_1.*not allowed"):
         load_dataset("cifar10", root=str(root))
     assert not (tmp_path / "pwned").exists()
+
+
+# ---------------------------------------------------------------- labels ----
+def test_labels_digits_cifar_and_folder_per_class(tmp_path):
+    from sklearn.datasets import load_digits
+
+    d = load_dataset("digits")
+    assert d.num_classes == 10 and d.classes == [str(i) for i in range(10)]
+    assert torch.equal(d.labels, torch.from_numpy(load_digits().target).long())
+    assert isinstance(d[0], torch.Tensor)  # items stay plain tensors
+    sub = load_dataset("digits", n=40, seed=3)
+    # the subset's labels follow its images
+    full = d.data.flatten(1)
+    for i in range(40):
+        j = int((full - sub.data[i].flatten()).abs().sum(1).argmin())
+        assert sub.labels[i] == d.labels[j]
+    # CIFAR-10: labels read with the images
+    root = tmp_path / "cifar-10-batches-py"
+    rng = np.random.default_rng(0)
+    want = []
+    for i in range(1, 6):
+        lab = rng.integers(0, 10, 3).tolist()
+        want += lab
+        with open(_mk(root) / f"data_batch_{i}", "wb") as f:
+            pickle.dump({b"labels": lab, b"data": rng.integers(0, 256, (3, 3072), dtype=np.uint8)}, f, protocol=2)
+    c = load_dataset("cifar10", root=str(root))
+    assert c.labels.tolist() == want and c.num_classes == 10 and c.classes[0] == "airplane"
+    with open(root / "data_batch_2", "wb") as f:
+        pickle.dump({b"labels": [0, 11, 2], b"data": np.zeros((3, 3072), np.uint8)}, f, protocol=2)
+    with pytest.raises(ValueError, match="data_batch_2.*labels"):
+        load_dataset("cifar10", root=str(root))
+    # folder per class: the first-level subdirectory is the class
+    for cls, k in (("cat", 2), ("dog", 1), ("emu", 3)):
+        for j in range(k):
+            _save(str(tmp_path / "pets" / cls / f"{j}.png"), np.full((8, 8, 3), 40 * j, np.uint8))
+    f = load_dataset("folder", root=str(tmp_path / "pets"), image_size=8)
+    assert f.classes == ["cat", "dog", "emu"] and f.labels.tolist() == [0, 0, 1, 2, 2, 2]
+    part = load_dataset("folder", root=str(tmp_path / "pets"), image_size=8, n=2, seed=1)
+    assert part.classes == ["cat", "dog", "emu"]  # indices fixed by the whole folder
+    assert part.labels.tolist() == [f.classes.index(p.split(os.sep)[-2]) for p in part.files]
+    _save(str(tmp_path / "pets" / "stray.png"), np.zeros((8, 8, 3), np.uint8))
+    assert load_dataset("folder", root=str(tmp_path / "pets"), image_size=8).labels is None
+    assert load_dataset("swissroll", n=10).labels is None
+    with pytest.raises(ValueError, match="labels"):
+        InMemoryDataset(torch.zeros(3, 2), labels=torch.tensor([0, 1]))
+
+
+def _mk(p):
+    p.mkdir(parents=True, exist_ok=True)
+    return p
