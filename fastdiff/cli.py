@@ -121,6 +121,16 @@ def _add_train(sub) -> None:
     p.add_argument("--sample-method", choices=("ddpm", "ddim"), default="ddpm",
                    help="sampler for the grids (default: ddpm)")
     p.add_argument("--seed", type=int, default=0, help="random seed (data order, noise, init; default 0)")
+    p.add_argument("--class-conditional", action="store_true",
+                   help="train a class-conditional UNet on the dataset's labels (digits, cifar10, folder with one "
+                        "subdirectory per class), for classifier-free guidance (`fastdiff sample --class`)")
+    p.add_argument("--cond-drop-prob", type=float, default=0.1, metavar="P",
+                   help="with --class-conditional: the probability of replacing a sample's label by the null label "
+                        "(the unconditional model that guidance needs; default 0.1)")
+    p.add_argument("--vae", default=None, metavar="PATH",
+                   help="latent diffusion: a diffusers AutoencoderKL directory (save_pretrained, or a pipeline with "
+                        "vae/); the images are encoded once (cached when the latents fit in 2 GiB) and the --preset "
+                        "UNet is built for the latents' channels and size")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_device(p)
     p.set_defaults(func=_cmd_train)
@@ -133,7 +143,7 @@ def _setup_device(args) -> str:
     return setup_device(args.device, args.threads)
 
 
-def _build_model(preset: str, dataset, dataset_name: str):
+def _build_model(preset: str, dataset, dataset_name: str, **overrides):
     from .data import sample_shape
     from .nn import MLPDenoiser, UNet
     from .nn.unet import PRESETS
@@ -151,7 +161,30 @@ def _build_model(preset: str, dataset, dataset_name: str):
     if shape[0] != cfg["in_ch"] or shape[1:] != (cfg["image_size"], cfg["image_size"]):
         raise ValueError(f"--preset {preset} expects {cfg['in_ch']}x{cfg['image_size']}x{cfg['image_size']} images; "
                          f"--dataset {dataset_name} gives {'x'.join(map(str, shape))} (set --image-size or --preset)")
-    return UNet.from_preset(preset)
+    return UNet.from_preset(preset, **overrides)
+
+
+def _latent_diffusion(args, preset, dataset, schedule, cond_kw, drop):
+    """--vae: a LatentDiffusion whose UNet (--preset) is built for the latents."""
+    from .data import sample_shape
+    from .diffusion.latent import LatentDiffusion, load_vae
+    from .nn import UNet
+    from .nn.unet import PRESETS
+
+    if preset not in PRESETS:
+        raise ValueError(f"--vae needs a UNet --preset ({', '.join(PRESETS)}), got {preset!r}")
+    shape = tuple(sample_shape(dataset))
+    vae = load_vae(args.vae)
+    if len(shape) != 3 or shape[0] != vae.config.in_channels:
+        raise ValueError(f"--vae takes {vae.config.in_channels}-channel images; --dataset {args.dataset} gives "
+                         f"samples of shape {shape}")
+    f = 2 ** (len(vae.config.block_out_channels) - 1)
+    if shape[1] % f or shape[2] % f:
+        raise ValueError(f"--image-size {shape[1]} is not a multiple of the VAE's downsampling factor {f}")
+    lc, size = int(vae.config.latent_channels), shape[1] // f
+    model = UNet.from_preset(preset, in_ch=lc, out_ch=lc, image_size=size, **cond_kw)
+    return LatentDiffusion(args.vae, model, schedule, sample_shape=(lc, size, shape[2] // f), target=args.target,
+                           weighting=args.weighting, cond_drop_prob=drop)
 
 
 def _cmd_train(args) -> int:
@@ -186,11 +219,25 @@ def _cmd_train(args) -> int:
         preset = args.preset or ("digits-32" if args.dataset == "digits" and size == 32
                                  else _DEFAULT_PRESET[args.dataset])
         torch.manual_seed(args.seed)
-        model = _build_model(preset, dataset, args.dataset)
+        cond_kw, drop = {}, 0.0
+        if args.class_conditional:
+            if getattr(dataset, "labels", None) is None:
+                raise ValueError(f"--class-conditional needs labels: --dataset {args.dataset} has none here "
+                                 f"(a folder needs one subdirectory per class)")
+            if preset == "mlp":
+                raise ValueError("--class-conditional needs a UNet preset, not 'mlp'")
+            if not 0.0 <= args.cond_drop_prob <= 1.0:
+                raise ValueError(f"--cond-drop-prob must be in [0, 1], got {args.cond_drop_prob}")
+            cond_kw, drop = {"num_classes": int(dataset.num_classes)}, float(args.cond_drop_prob)
         schedule = NoiseSchedule.make(args.schedule, args.timesteps)
         image = len(sample_shape(dataset)) == 3
-        diffusion = GaussianDiffusion(model, schedule, sample_shape=tuple(sample_shape(dataset)), target=args.target,
-                                      weighting=args.weighting, clip_sample=image).to(device)
+        if args.vae is not None:
+            diffusion = _latent_diffusion(args, preset, dataset, schedule, cond_kw, drop).to(device)
+        else:
+            model = _build_model(preset, dataset, args.dataset, **cond_kw)
+            diffusion = GaussianDiffusion(model, schedule, sample_shape=tuple(sample_shape(dataset)),
+                                          target=args.target, weighting=args.weighting, clip_sample=image,
+                                          cond_drop_prob=drop).to(device)
         config = TrainConfig(
             steps=args.steps, batch_size=args.batch, lr=args.lr, weight_decay=args.weight_decay,
             warmup_steps=args.warmup, grad_clip=args.grad_clip, ema_decay=args.ema_decay, precision=args.precision,
@@ -244,6 +291,18 @@ def _add_sample(sub) -> None:
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                    help="replay the sampling step as a CUDA graph (default: on, on a GPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model first")
+    p.add_argument("--class", dest="classes", default=None, metavar="C[,C...]|all",
+                   help="class-conditional checkpoints: sample these classes (indices or the names the checkpoint "
+                        "recorded), --n samples each, one grid row per class; 'all': every class. Default: "
+                        "unconditional (the null label)")
+    p.add_argument("--guidance-scale", type=float, default=1.0, metavar="W",
+                   help="classifier-free guidance weight with --class: out_u + W (out_c - out_u), fused into the "
+                        "sampler step (1: no guidance; default 1)")
+    p.add_argument("--guidance-rescale", type=float, default=0.0, metavar="R",
+                   help="rescale the guided prediction toward the conditional one's std (0..1; default 0)")
+    p.add_argument("--compare-unconditional", action="store_true",
+                   help="with --class and a .png: put the unconditional samples (same noise, null label) next to "
+                        "each class row")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_device(p)
@@ -291,22 +350,96 @@ def _cmd_sample(args) -> int:
         diffusion = build_from_checkpoint(args.checkpoint, ema=not args.no_ema, device=device)
         steps = args.steps if args.steps is not None else \
             {"ddpm": None, "ddim": 50}.get(args.method, 20)
-        gen = torch.Generator(device=device).manual_seed(args.seed)
-        batch = args.batch or args.n
-        parts = []
-        for start in range(0, args.n, batch):
-            parts.append(diffusion.sample(min(batch, args.n - start), steps=steps, method=args.method, eta=args.eta,
-                                          order=args.order, spacing=args.spacing, generator=gen,
-                                          cuda_graph=args.cuda_graph,
-                                          compile_model=args.compile, progress=not args.no_progress).cpu())
+        labels = _sample_labels(args, diffusion)
+        total = args.n if labels is None else labels.shape[0]
+        if args.compare_unconditional and (labels is None or not args.out.endswith(".png")):
+            raise ValueError("--compare-unconditional needs --class and a .png --out")
+
+        def draw(lab, guidance):
+            gen = torch.Generator(device=device).manual_seed(args.seed)
+            batch = args.batch or total
+            parts = []
+            for start in range(0, total, batch):
+                kw = {}
+                if lab is not None:
+                    kw = dict(class_labels=lab[start:start + batch], guidance_scale=args.guidance_scale,
+                              guidance_rescale=args.guidance_rescale) if guidance else \
+                        dict(class_labels=lab[start:start + batch])
+                parts.append(diffusion.sample(min(batch, total - start), steps=steps, method=args.method,
+                                              eta=args.eta, order=args.order, spacing=args.spacing, generator=gen,
+                                              cuda_graph=args.cuda_graph, compile_model=args.compile,
+                                              progress=not args.no_progress, **kw).cpu())
+            return torch.cat(parts)
+
+        x = draw(labels, True)
+        uncond = None
+        if args.compare_unconditional:
+            null = torch.full_like(labels, diffusion.model.num_classes)  # the null label, the same noise
+            uncond = draw(null, False)
     except (ValueError, FileNotFoundError) as e:
         print(f"fastdiff sample: error: {e}", file=sys.stderr)
         return 2
-    x = torch.cat(parts)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    save_samples(x, args.out)
+    if labels is not None and args.out.endswith(".png") and x.dim() == 4:
+        from .train.images import save_image_grid
+
+        if uncond is None:
+            save_image_grid(x, args.out, nrow=args.n)  # one row per class
+        else:
+            save_image_grid(_side_by_side(x, uncond, args.n), args.out, nrow=2 * args.n + 1)
+    elif labels is not None and args.out.endswith(".npz"):
+        import numpy as np
+
+        save_samples(x, args.out)
+        with np.load(args.out) as f:
+            arrays = dict(f)
+        np.savez_compressed(args.out, labels=labels.cpu().numpy(), **arrays)
+    else:
+        save_samples(x, args.out)
     print(f"{x.shape[0]} samples written to {args.out}")
     return 0
+
+
+def _sample_labels(args, diffusion):
+    """int64 labels for --class (each class repeated --n times), or None."""
+    import torch
+
+    k = getattr(diffusion.model, "num_classes", None)
+    for name in ("guidance_scale", "guidance_rescale"):
+        if getattr(args, name) != (1.0 if name == "guidance_scale" else 0.0) and args.classes is None:
+            raise ValueError(f"--{name.replace('_', '-')} needs --class")
+    if args.classes is None:
+        return None
+    if k is None:
+        raise ValueError("--class needs a class-conditional checkpoint (trained with --class-conditional)")
+    from .train import read_checkpoint_meta
+
+    names = read_checkpoint_meta(args.checkpoint).get("classes") or [str(i) for i in range(k)]
+    if args.classes.strip() == "all":
+        chosen = list(range(k))
+    else:
+        chosen = []
+        for c in args.classes.split(","):
+            c = c.strip()
+            if c in names:
+                chosen.append(names.index(c))
+            elif c.isdigit() and int(c) < k:
+                chosen.append(int(c))
+            else:
+                raise ValueError(f"--class: {c!r} is neither a class index in [0, {k}) nor one of {names}")
+    return torch.tensor(chosen, dtype=torch.int64).repeat_interleave(args.n)
+
+
+def _side_by_side(left, right, per_row: int):
+    """Rows of ``per_row`` images from left, a blank, then the same row of right."""
+    import torch
+
+    rows = left.shape[0] // per_row
+    gap = torch.zeros((1,) + tuple(left.shape[1:]), dtype=left.dtype)
+    out = []
+    for r in range(rows):
+        out += [left[r * per_row:(r + 1) * per_row], gap, right[r * per_row:(r + 1) * per_row]]
+    return torch.cat(out)
 
 
 # ------------------------------------------------------------------ eval ----

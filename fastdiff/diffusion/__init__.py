@@ -3,6 +3,8 @@
 * :class:`GaussianDiffusion` (``gaussian.py``): training loss, samplers
   (ancestral DDPM, DDIM, respaced chains, CUDA-graph replay) and the
   variational bound in bits/dim.
+* :class:`LatentDiffusion` (``latent.py``): the same in the latent space of
+  a frozen diffusers ``AutoencoderKL`` (encode, train/sample, decode).
 * :class:`FusedDDPMScheduler`, :class:`FusedDDIMScheduler`
   (``schedulers.py``): drop-in replacements for diffusers' schedulers whose
   ``step`` is one fused kernel launch. They need the ``diffusers`` package.
@@ -24,6 +26,7 @@ from typing import Optional
 
 _LAZY = {
     "GaussianDiffusion": ".gaussian",
+    "LatentDiffusion": ".latent",
     "FusedDDPMScheduler": ".schedulers",
     "FusedDDIMScheduler": ".schedulers",
     "FusedDPMSolverMultistepScheduler": ".multistep",

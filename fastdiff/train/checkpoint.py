@@ -159,7 +159,19 @@ def build_from_checkpoint(path: str, ema: bool = True, *, device=None):
     if meta.get("diffusion_config") is None:
         raise ValueError(f"checkpoint {path!r} has no diffusion_config")
     model = cls(**meta["model_config"])
-    diffusion = GaussianDiffusion.from_config(model, meta["diffusion_config"])
+    dcfg = meta["diffusion_config"]
+    if "vae" in dcfg:  # latent diffusion: the VAE from its path, or its config + the saved vae.safetensors
+        from ..diffusion.latent import LatentDiffusion, load_vae
+
+        vae = None
+        vfile = os.path.join(find_checkpoint(path), "vae.safetensors")
+        if "path" not in dcfg["vae"] and os.path.isfile(vfile):
+            vae = load_vae(dcfg["vae"]["config"])
+            tensors, _ = load_safetensors(vfile)
+            vae.load_state_dict(tensors)
+        diffusion = LatentDiffusion.from_config(model, dcfg, vae=vae)
+    else:
+        diffusion = GaussianDiffusion.from_config(model, dcfg)
     return load_checkpoint(path, diffusion, ema=ema, device=device)
 
 

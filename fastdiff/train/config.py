@@ -51,6 +51,10 @@ class TrainConfig:
         num_workers: DataLoader worker processes for datasets read from disk
             (in-memory datasets are indexed directly, without a DataLoader).
         progress: show a tqdm progress bar (rank 0 only).
+        cache_latents: latent diffusion only: encode the dataset once and
+            train on the cached latents. None (auto): when they fit in
+            ``fastdiff.diffusion.latent.LATENT_CACHE_BYTES`` (2 GiB of
+            float32); True: always; False: encode every batch in the step.
     """
 
     steps: int = 1000
@@ -77,6 +81,7 @@ class TrainConfig:
     sample_method: str = "ddpm"
     num_workers: int = 0
     progress: bool = True
+    cache_latents: Optional[bool] = None
 
     def validate(self) -> "TrainConfig":
         def bad(name, want):
@@ -117,6 +122,8 @@ class TrainConfig:
             bad("compile", "a bool or a torch.compile backend name")
         if not isinstance(self.out_dir, (str, os.PathLike)) or not os.fspath(self.out_dir):
             bad("out_dir", "a non-empty path")
+        if self.cache_latents is not None and not isinstance(self.cache_latents, bool):
+            bad("cache_latents", "None or a bool")
         for name in ("channels_last", "progress", "ema_warmup"):
             if not isinstance(getattr(self, name), bool):
                 bad(name, "a bool")

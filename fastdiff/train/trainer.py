@@ -180,9 +180,11 @@ class Trainer:
 
         self.diffusion = diffusion.to(self.device)
         self.model = diffusion.model
+        self.dataset = dataset = self._maybe_cache_latents(dataset)
         self._image_model = any(p.dim() == 4 for p in self.model.parameters())
         if cfg.channels_last and self._image_model:
             self.model.to(memory_format=torch.channels_last)
+        self._labels = self._class_labels()
         self.sample_shape = self._check_model_fits()
         self._warn_if_clipped()
 
@@ -274,7 +276,7 @@ class Trainer:
         shape = tuple(_dataset_sample_shape(self.dataset)) if hasattr(self.dataset, "sample_shape") \
             else tuple(item.shape)
         want = getattr(self.diffusion, "sample_shape", None)
-        if want is not None and tuple(want) != shape:
+        if want is not None and tuple(want) != shape and getattr(self.diffusion, "latent_inputs", True):
             raise ValueError(f"the dataset's samples have shape {shape} but the diffusion's sample_shape is "
                              f"{tuple(want)}")
         hint = ""
@@ -283,7 +285,8 @@ class Trainer:
             f = 2 ** (len(cfg["ch_mult"]) - 1)
             hint = (f"; this UNet takes {cfg['in_ch']}-channel images whose sides are multiples of {f} "
                     f"(built for image_size={cfg['image_size']})")
-            if len(shape) == 3 and shape[1] % f == 0 and shape[1] != cfg["image_size"]:
+            if len(shape) == 3 and shape[1] % f == 0 and shape[1] != cfg["image_size"] and \
+                    getattr(self.diffusion, "latent_inputs", True):  # (uncached latent diffusion: images in)
                 warnings.warn(f"training on {shape[1]}x{shape[2]} images with a UNet built for image_size="
                               f"{cfg['image_size']}: its attention sits at other resolutions than intended",
                               stacklevel=3)
@@ -304,6 +307,52 @@ class Trainer:
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise TypeError("diffusion(x0, generator=g) must return a scalar loss tensor")
         return shape
+
+    def _maybe_cache_latents(self, dataset):
+        """Latent diffusion (a diffusion with ``cache_latents``): encode the
+        dataset once and train on its latents when ``config.cache_latents``
+        is True, or None (auto) and they fit in
+        ``fastdiff.diffusion.latent.LATENT_CACHE_BYTES`` (2 GiB of float32);
+        otherwise every batch is encoded in the step."""
+        cache = getattr(self.diffusion, "cache_latents", None)
+        if cache is None or getattr(self.diffusion, "latent_inputs", False):
+            return dataset
+        want = getattr(self.config, "cache_latents", None)
+        if want is False:
+            return dataset
+        if want is None:
+            from ..diffusion.latent import LATENT_CACHE_BYTES
+
+            if self.diffusion.latent_bytes(dataset) > LATENT_CACHE_BYTES:
+                return dataset
+        return cache(dataset, device=self.device)
+
+    def _class_labels(self) -> Optional[Tensor]:
+        """The dataset's labels (int64 (N,) on the training device) when the
+        model is class-conditional (``model.num_classes`` set), else None.
+        Step s's labels are ``labels[stream.indices(s)]``: a pure function of
+        the step, like its images, so exact resume is unaffected."""
+        k = getattr(self.model, "num_classes", None)
+        if k is None:
+            return None
+        labels = getattr(self.dataset, "labels", None)
+        if labels is None:
+            raise ValueError(f"the model is class-conditional (num_classes={k}) but the dataset has no labels "
+                             f"(digits, cifar10 and folder-per-class datasets have them)")
+        labels = torch.as_tensor(labels).to(torch.int64)
+        if labels.shape != (len(self.dataset),):
+            raise ValueError(f"dataset.labels must have shape ({len(self.dataset)},), got {tuple(labels.shape)}")
+        if int(labels.min()) < 0 or int(labels.max()) >= k:
+            raise ValueError(f"the dataset's labels lie in [{int(labels.min())}, {int(labels.max())}] but the "
+                             f"model has num_classes={k}")
+        return labels.to(self.device)
+
+    def _cond(self, step: int) -> dict:
+        """The conditioning keywords of 0-based step ``step`` ({} for an unconditional model)."""
+        if self._labels is None:
+            return {}
+        idx = self.stream.indices(step, self.config.batch_size, self.rank, self.world_size)
+        return {"class_labels": self._labels.index_select(0, idx.to(self._labels.device))}
 
     def _warn_if_clipped(self):
         # the sampler clips x0_hat to [-r, r]: data outside that range cannot be reproduced
@@ -356,10 +405,15 @@ class Trainer:
     def _meta(self) -> dict:
         cfg = getattr(self.model, "config", None)
         dcfg = getattr(self.diffusion, "config", None)
-        return {"model_class": type(self.model).__name__,
+        meta = {"model_class": type(self.model).__name__,
                 "model_config": cfg if isinstance(cfg, dict) else None,
                 "diffusion_config": dcfg if isinstance(dcfg, dict) else None,
                 "sample_shape": list(self.sample_shape), "step": self.step}
+        if getattr(self.diffusion, "vae", None) is not None:
+            meta["latent"] = True  # diffusion_config["vae"] says where the VAE comes from
+        if self._labels is not None and getattr(self.dataset, "classes", None) is not None:
+            meta["classes"] = list(self.dataset.classes)  # class names, for `fastdiff sample --class NAME`
+        return meta
 
     # -------------------------------------------------------- checkpoints --
     def save_checkpoint(self) -> Optional[str]:
@@ -385,10 +439,13 @@ class Trainer:
             buf = io.BytesIO()
             torch.save(state, buf)
             os.makedirs(self.out_dir, exist_ok=True)
-            path = atomic_write_dir(self.out_dir, CHECKPOINT_DIR, {
-                "model.safetensors": save(state_dict_tensors(self.model), metadata=meta),
-                "ema.safetensors": save(state_dict_tensors(self.ema.model), metadata=meta),
-                "state.pt": buf.getvalue()})
+            files = {"model.safetensors": save(state_dict_tensors(self.model), metadata=meta),
+                     "ema.safetensors": save(state_dict_tensors(self.ema.model), metadata=meta),
+                     "state.pt": buf.getvalue()}
+            vae = getattr(self.diffusion, "vae", None)
+            if vae is not None and "path" not in getattr(self.diffusion, "vae_spec", {}):
+                files["vae.safetensors"] = save(state_dict_tensors(vae))  # a VAE built from a config: its weights
+            path = atomic_write_dir(self.out_dir, CHECKPOINT_DIR, files)
         if d is not None:
             d.barrier()
         self.last_checkpoint = os.path.join(self.out_dir, CHECKPOINT_DIR)
@@ -527,7 +584,7 @@ class Trainer:
     def _train_step(self, x0: Tensor) -> None:
         cfg = self.config
         with self._autocast():
-            loss = self._forward(x0, generator=self.generator)
+            loss = self._forward(x0, generator=self.generator, **self._cond(self.step))
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
         if cfg.grad_clip > 0:
