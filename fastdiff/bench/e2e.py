@@ -131,7 +131,9 @@ def diffusers_unet_config(cfg: dict) -> dict:
               flip_sin_to_cos=False, freq_shift=1, act_fn="silu", time_embedding_type="positional",
               resnet_time_scale_shift="scale_shift" if cfg.get("scale_shift") else "default")
     if cfg.get("num_classes") is not None:
-        kw["num_class_embeds"] = int(cfg["num_classes"])
+        kw["num_class_embeds"] = int(cfg["num_classes"]) + 1  # fastdiff's label table has the null label's row
+    if cfg.get("context_dim") is not None:
+        raise ValueError("cfg: context_dim (cross-attention) has no UNet2DModel equivalent")
     return kw
 
 
