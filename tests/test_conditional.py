@@ -383,3 +383,28 @@ def test_guidance_argument_checks():
     plain = GaussianDiffusion(_Wrap(lambda x, t, **kw: x * 0), sched, sample_shape=(4,))
     with pytest.raises(ValueError, match="null_condition"):
         plain.sample(2, steps=3, class_labels=[0, 1], guidance_scale=2.0)
+
+
+# ----------------------------------------------------------- trainer / CLI ----
+def test_trainer_needs_labels_for_a_conditional_model(tmp_path):
+    from fastdiff.data import InMemoryDataset
+    from fastdiff.train import TrainConfig, Trainer
+
+    m = fnn.UNet.from_preset("tiny", num_classes=3)
+    cfg = TrainConfig(steps=1, batch_size=2, device="cpu", out_dir=str(tmp_path), progress=False)
+    with pytest.raises(ValueError, match="no labels"):
+        Trainer(GaussianDiffusion(m, "linear", num_timesteps=10), torch.zeros(4, 3, 16, 16), cfg)
+    bad = InMemoryDataset(torch.zeros(4, 3, 16, 16), labels=torch.tensor([0, 1, 2, 3]))
+    with pytest.raises(ValueError, match="num_classes=3"):
+        Trainer(GaussianDiffusion(m, "linear", num_timesteps=10), bad, cfg)
+
+
+def test_cli_conditional_errors(tmp_path, capsys):
+    from fastdiff.cli import main
+
+    rc = main(["train", "--dataset", "swissroll", "--class-conditional", "--steps", "1", "--out", str(tmp_path),
+               "--device", "cpu", "--no-progress"])
+    assert rc == 2 and "--class-conditional" in capsys.readouterr().err
+    rc = main(["train", "--dataset", "digits", "--class-conditional", "--cond-drop-prob", "1.5", "--steps", "1",
+               "--out", str(tmp_path), "--device", "cpu", "--no-progress"])
+    assert rc == 2 and "--cond-drop-prob" in capsys.readouterr().err
