@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 #include <c10/util/Optional.h>
 
+#include <cmath>
 #include <tuple>
 
 #include "common.h"
@@ -88,12 +89,14 @@ inline int64_t per_sample(const at::Tensor& x) { return x.size(0) == 0 ? 0 : x.n
       const at::Tensor& model_output, const at::Tensor& sample, const at::Tensor& t, const at::Tensor& t_prev,     \
       const at::Tensor& abar, const c10::optional<at::Tensor>& model_var, const c10::optional<at::Tensor>& noise, \
       const c10::optional<at::Tensor>& key, const c10::optional<at::Tensor>& thresh, int64_t prediction_type,      \
-      int64_t variance_type, double clip_range);                                                                     \
+      int64_t variance_type, double clip_range, const c10::optional<at::Tensor>& uncond_output,                   \
+      double guidance_scale, const c10::optional<at::Tensor>& guidance_factor);                                      \
   std::tuple<at::Tensor, at::Tensor> ddim_step_##dev(                                                                \
       const at::Tensor& model_output, const at::Tensor& sample, const at::Tensor& t, const at::Tensor& t_prev,     \
       const at::Tensor& abar, const c10::optional<at::Tensor>& noise, const c10::optional<at::Tensor>& key,        \
       const c10::optional<at::Tensor>& thresh, int64_t prediction_type, double clip_range, double eta,             \
-      double final_alpha_cumprod, bool use_clipped_model_output);
+      double final_alpha_cumprod, bool use_clipped_model_output, const c10::optional<at::Tensor>& uncond_output,   \
+      double guidance_scale, const c10::optional<at::Tensor>& guidance_factor);
 
 FD_DECLARE(cpu)
 FD_DECLARE(cuda)
@@ -103,13 +106,30 @@ FD_DECLARE(cuda)
 // tensors the kernel will read, already in the primary tensor's layout.
 struct StepArgs {
   at::Tensor out, x, var, noise, key, thresh, t, t_prev;
+  at::Tensor uncond, gfac;  // classifier-free guidance: unconditional output (sample's layout), float64 (N,) factor
 };
+
+// Checks of the guidance inputs of the step ops (uncond_output like model_output,
+// a finite scale, guidance_factor float64 (N,)).
+inline void check_guidance(const at::Tensor& model_output, const c10::optional<at::Tensor>& uncond,
+                           double guidance_scale, const c10::optional<at::Tensor>& gfac) {
+  if (uncond.has_value()) check_same_like(*uncond, model_output, "uncond_output", "model_output");
+  TORCH_CHECK(std::isfinite(guidance_scale), "fastdiff: guidance_scale must be finite, got ", guidance_scale);
+  if (gfac.has_value()) {
+    TORCH_CHECK(gfac->dim() == 1 && gfac->size(0) == model_output.size(0) && gfac->scalar_type() == at::kDouble,
+                "fastdiff: guidance_factor must be a float64 tensor of shape (", model_output.size(0), ",), got ",
+                gfac->scalar_type(), " ", gfac->sizes());
+    TORCH_CHECK(gfac->device() == model_output.device(), "fastdiff: guidance_factor must be on ",
+                model_output.device(), ", got ", gfac->device());
+  }
+}
 
 inline StepArgs prepare_step(const at::Tensor& model_output, const at::Tensor& sample, const at::Tensor& t,
                              const at::Tensor& t_prev, const at::Tensor& abar,
                              const c10::optional<at::Tensor>& model_var, const c10::optional<at::Tensor>& noise,
                              const c10::optional<at::Tensor>& key, const c10::optional<at::Tensor>& thresh,
-                             int64_t prediction_type) {
+                             int64_t prediction_type, const c10::optional<at::Tensor>& uncond = c10::nullopt,
+                             double guidance_scale = 1.0, const c10::optional<at::Tensor>& gfac = c10::nullopt) {
   check_common(sample, "sample", t, abar);
   check_same_like(model_output, sample, "model_output", "sample");
   TORCH_CHECK(t_prev.sizes() == t.sizes() && t_prev.scalar_type() == at::kLong && t_prev.device() == t.device(),
@@ -135,6 +155,11 @@ inline StepArgs prepare_step(const at::Tensor& model_output, const at::Tensor& s
   if (thresh.has_value()) {
     check_per_sample_f32(*thresh, sample, "thresh");
     a.thresh = thresh->contiguous();
+  }
+  check_guidance(model_output, uncond, guidance_scale, gfac);
+  if (uncond.has_value()) {
+    a.uncond = match_layout(*uncond, a.x);
+    if (gfac.has_value()) a.gfac = gfac->contiguous();
   }
   a.t = t.contiguous();
   a.t_prev = t_prev.contiguous();

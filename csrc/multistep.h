@@ -41,18 +41,21 @@ std::tuple<at::Tensor, at::Tensor> multistep_step_cpu(
     const at::Tensor& model_output, const at::Tensor& sample, at::Tensor& history, at::Tensor& last_sample,
     const at::Tensor& coeffs, at::Tensor& step_index, const c10::optional<at::Tensor>& noise,
     const c10::optional<at::Tensor>& key, const c10::optional<at::Tensor>& thresh, double clip_range,
-    bool return_x0);
+    bool return_x0, const c10::optional<at::Tensor>& uncond_output, double guidance_scale,
+    const c10::optional<at::Tensor>& guidance_factor);
 std::tuple<at::Tensor, at::Tensor> multistep_step_cuda(
     const at::Tensor& model_output, const at::Tensor& sample, at::Tensor& history, at::Tensor& last_sample,
     const at::Tensor& coeffs, at::Tensor& step_index, const c10::optional<at::Tensor>& noise,
     const c10::optional<at::Tensor>& key, const c10::optional<at::Tensor>& thresh, double clip_range,
-    bool return_x0);
+    bool return_x0, const c10::optional<at::Tensor>& uncond_output, double guidance_scale,
+    const c10::optional<at::Tensor>& guidance_factor);
 
 // The tensors a kernel reads, all in the working layout (see
 // fastdiff/ops/_multistep_common.py): one history slot's strides, else
 // last_sample's, else canonical(sample).
 struct MsArgs {
   at::Tensor x, m, noise, key, thresh, layout;
+  at::Tensor u, gfac;  // classifier-free guidance: unconditional output (working layout), float64 (N,) factor
   int64_t K = 0;
   bool kept = false;
 };
@@ -60,7 +63,9 @@ struct MsArgs {
 inline MsArgs ms_prepare(const at::Tensor& model_output, const at::Tensor& sample, const at::Tensor& history,
                          const at::Tensor& last_sample, const at::Tensor& coeffs, const at::Tensor& step_index,
                          const c10::optional<at::Tensor>& noise, const c10::optional<at::Tensor>& key,
-                         const c10::optional<at::Tensor>& thresh, double clip_range) {
+                         const c10::optional<at::Tensor>& thresh, double clip_range,
+                         const c10::optional<at::Tensor>& uncond = c10::nullopt, double guidance_scale = 1.0,
+                         const c10::optional<at::Tensor>& gfac = c10::nullopt) {
   const auto st = sample.scalar_type();
   TORCH_CHECK_TYPE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble,
                    "fastdiff: sample must be float32, float16, bfloat16 or float64, got ", st);
@@ -118,6 +123,11 @@ inline MsArgs ms_prepare(const at::Tensor& model_output, const at::Tensor& sampl
   }
   a.x = match_layout(sample, a.layout);
   a.m = match_layout(model_output, a.layout);
+  check_guidance(model_output, uncond, guidance_scale, gfac);
+  if (uncond.has_value()) {
+    a.u = match_layout(*uncond, a.layout);
+    if (gfac.has_value()) a.gfac = gfac->contiguous();
+  }
   if (noise.has_value()) {
     TORCH_CHECK_VALUE(noise->sizes() == sample.sizes(), "fastdiff: noise must have sample's shape");
     TORCH_CHECK_TYPE(noise->scalar_type() == st, "fastdiff: noise must have sample's dtype");

@@ -93,8 +93,8 @@ def test_bench_quick_json(tmp_path):
               "pct_copy_bw", "pred_ms", "speedup_vs_diffusers", "speedup_vs_eager", "speedup_vs_compile", "note"):
         assert k in rows[0], k
     ops = {r["op"] for r in rows}
-    elementwise = {"q_sample_rng", "q_sample", "diffusion_loss", "ddpm_step", "ddim_step", "multistep_step",
-                   "sampler_loop"}
+    elementwise = {"q_sample_rng", "q_sample", "diffusion_loss", "ddpm_step", "ddim_step", "guided_step",
+                   "multistep_step", "sampler_loop"}
     assert ops == elementwise | {"group_norm_act", "attention", "unet_step"}
     assert "== group_norm_act" in r.stdout and "== attention" in r.stdout and "== unet_step" in r.stdout
     for op in ops - {"attention"}:  # fused attention has no CPU kernel (SDPA): its rows carry a note, no time

@@ -38,6 +38,7 @@ template <typename scalar_t, typename state_t>
 struct MsPtrs {
   const scalar_t* x;
   const scalar_t* m;
+  const scalar_t* u;       // the unconditional output (guidance), or null
   const scalar_t* noise;   // a given noise tensor, or null
   const state_t* h[3];     // H[1..3] (null when unused)
   const state_t* last;     // last_sample (null when not read)
@@ -65,14 +66,28 @@ FD_INLINE void ms_finish(acc_t* __restrict__ out, int64_t n, bool first) {
 }
 
 // One chunk of n elements. x0b, xcb, pb: acc_t scratch of n; z: in-kernel noise (or null).
+// With guidance (p.u set) the model output is first combined into gb:
+// g = f * (c + (w - 1)(c - u)) (gw = w - 1, gf = f), which then stands for
+// model_output in every term that reads it.
 template <typename scalar_t, typename state_t, typename acc_t>
 FD_INLINE void ms_chunk(const MsCoef<acc_t>& c, const MsPtrs<scalar_t, state_t>& p, const float* z, acc_t s,
                         acc_t clip, acc_t* __restrict__ x0b, acc_t* __restrict__ xcb, acc_t* __restrict__ pb,
-                        int64_t n) {
+                        acc_t* __restrict__ gb, acc_t gw, acc_t gf, bool has_gf, int64_t n) {
+  if (p.u) {
+    for (int64_t j = 0; j < n; ++j) {
+      const acc_t cj = static_cast<acc_t>(p.m[j]);
+      gb[j] = cj + gw * (cj - static_cast<acc_t>(p.u[j]));
+    }
+    if (has_gf)
+      for (int64_t j = 0; j < n; ++j) gb[j] *= gf;
+  }
   // x0 = c_x * sample + c_m * model_output, then threshold / clip
   bool first = true;
   if (c.cx != acc_t(0)) ms_term(x0b, c.cx, p.x, n, first);
-  if (c.cm != acc_t(0)) ms_term(x0b, c.cm, p.m, n, first);
+  if (c.cm != acc_t(0)) {
+    if (p.u) ms_term(x0b, c.cm, gb, n, first);
+    else ms_term(x0b, c.cm, p.m, n, first);
+  }
   ms_finish(x0b, n, first);
   if (s > acc_t(0)) {
     const acc_t inv = acc_t(1) / s;
@@ -95,7 +110,10 @@ FD_INLINE void ms_chunk(const MsCoef<acc_t>& c, const MsPtrs<scalar_t, state_t>&
     if (c.u_on) ms_term(pb, c.ax, xcb, n, first);
     else ms_term(pb, c.ax, p.x, n, first);
   }
-  if (c.am != acc_t(0)) ms_term(pb, c.am, p.m, n, first);
+  if (c.am != acc_t(0)) {
+    if (p.u) ms_term(pb, c.am, gb, n, first);
+    else ms_term(pb, c.am, p.m, n, first);
+  }
   if (c.ax0 != acc_t(0)) ms_term(pb, c.ax0, x0b, n, first);
   for (int k = 0; k < 3; ++k)
     if (c.ah[k] != acc_t(0)) ms_term(pb, c.ah[k], p.h[k], n, first);
@@ -123,19 +141,19 @@ FD_INLINE void ms_chunk(const MsCoef<acc_t>& c, const MsPtrs<scalar_t, state_t>&
 // picks one per process (FASTDIFF_CPU_ISA=baseline forces the baseline).
 #define FD_MS_ARGS                                                                                      \
   const MsCoef<double>&c, const MsPtrs<float, float>&p, const float *z, double s, double clip, double *x0b, \
-      double *xcb, double *pb, int64_t n
+      double *xcb, double *pb, double *gb, double gw, double gf, bool has_gf, int64_t n
+#define FD_MS_PASS c, p, z, s, clip, x0b, xcb, pb, gb, gw, gf, has_gf, n
 #if FD_X86_DISPATCH
-FD_TARGET_AVX2 void ms_chunk_f32_avx2(FD_MS_ARGS) { ms_chunk<float, float, double>(c, p, z, s, clip, x0b, xcb, pb, n); }
+FD_TARGET_AVX2 void ms_chunk_f32_avx2(FD_MS_ARGS) { ms_chunk<float, float, double>(FD_MS_PASS); }
 #endif
-__attribute__((noinline)) void ms_chunk_f32_base(FD_MS_ARGS) {
-  ms_chunk<float, float, double>(c, p, z, s, clip, x0b, xcb, pb, n);
-}
+__attribute__((noinline)) void ms_chunk_f32_base(FD_MS_ARGS) { ms_chunk<float, float, double>(FD_MS_PASS); }
 inline void ms_chunk_f32(FD_MS_ARGS) {
 #if FD_X86_DISPATCH
-  if (cpu_use_avx2()) return ms_chunk_f32_avx2(c, p, z, s, clip, x0b, xcb, pb, n);
+  if (cpu_use_avx2()) return ms_chunk_f32_avx2(FD_MS_PASS);
 #endif
-  ms_chunk_f32_base(c, p, z, s, clip, x0b, xcb, pb, n);
+  ms_chunk_f32_base(FD_MS_PASS);
 }
+#undef FD_MS_PASS
 
 template <typename T>
 T* ms_offset(T* base, int64_t off) { return base ? base + off : nullptr; }
@@ -143,7 +161,7 @@ T* ms_offset(T* base, int64_t off) { return base ? base + off : nullptr; }
 template <typename scalar_t, typename state_t>
 void ms_run(const MsArgs& a, at::Tensor& history, at::Tensor& last_sample, const double* r, int64_t i,
             const PhiloxKey& key, bool draw, double clip_range, at::Tensor& prev, at::Tensor& x0_out,
-            bool return_x0) {
+            bool return_x0, double guidance_scale) {
   // float32 data is combined in float64: the tables' coefficients can be large with opposite signs (UniPC,
   // 3M), so rounding them to float32 costs accuracy, and this memory-bound loop has cycles to spare.
   // float16/bfloat16 data use float32 (their storage rounding dominates).
@@ -172,6 +190,11 @@ void ms_run(const MsArgs& a, at::Tensor& history, at::Tensor& last_sample, const
   MsPtrs<scalar_t, state_t> base{};
   base.x = a.x.data_ptr<scalar_t>();
   base.m = a.m.data_ptr<scalar_t>();
+  // the model output is read only by the c_m / a_m terms: without them the guidance pass is skipped
+  const bool guided = a.u.defined() && (c.cm != acc_t(0) || c.am != acc_t(0));
+  base.u = guided ? a.u.data_ptr<scalar_t>() : nullptr;
+  const double* gfp = (guided && a.gfac.defined()) ? a.gfac.data_ptr<double>() : nullptr;
+  const acc_t gw = acc_t(guidance_scale - 1.0);
   base.noise = (a.noise.defined() && c.az != acc_t(0)) ? a.noise.data_ptr<scalar_t>() : nullptr;
   for (int k = 0; k < 3; ++k) {
     const bool used = k < K && ((c.u_on && c.uh[k] != acc_t(0)) || c.ah[k] != acc_t(0));
@@ -190,17 +213,19 @@ void ms_run(const MsArgs& a, at::Tensor& history, at::Tensor& last_sample, const
   at::parallel_for(0, N * per, grain, [&](int64_t b, int64_t e) {
     thread_local std::vector<acc_t> scratch;
     thread_local std::vector<float> zbuf;
-    if (scratch.size() < static_cast<size_t>(3 * kMsChunk)) scratch.resize(3 * kMsChunk);
+    if (scratch.size() < static_cast<size_t>(4 * kMsChunk)) scratch.resize(4 * kMsChunk);
     if (noise_in_kernel && zbuf.size() < static_cast<size_t>(kMsChunk)) zbuf.resize(kMsChunk);
     acc_t* x0b = scratch.data();
     acc_t* xcb = x0b + kMsChunk;
     acc_t* pb = xcb + kMsChunk;
+    acc_t* gb = pb + kMsChunk;  // the guided model output (guidance only)
     for (int64_t it = b; it < e; ++it) {
       const int64_t n = it / per, lo = (it % per) * kMsChunk, hi = std::min(M, lo + kMsChunk);
       const int64_t off = n * M + lo, len = hi - lo;
       MsPtrs<scalar_t, state_t> p = base;
       p.x += off;
       p.m += off;
+      p.u = ms_offset(p.u, off);
       p.noise = ms_offset(p.noise, off);
       for (int k = 0; k < 3; ++k) p.h[k] = ms_offset(p.h[k], off);
       p.last = ms_offset(p.last, off);
@@ -214,10 +239,12 @@ void ms_run(const MsArgs& a, at::Tensor& history, at::Tensor& last_sample, const
         z = zbuf.data();
       }
       const acc_t s = thp ? acc_t(thp[n]) : acc_t(0);
+      const acc_t gf = gfp ? acc_t(gfp[n]) : acc_t(1);
       if constexpr (std::is_same<scalar_t, float>::value && std::is_same<state_t, float>::value) {
-        ms_chunk_f32(c, p, z, s, acc_t(clip_range), x0b, xcb, pb, len);
+        ms_chunk_f32(c, p, z, s, acc_t(clip_range), x0b, xcb, pb, gb, gw, gf, gfp != nullptr, len);
       } else {
-        ms_chunk<scalar_t, state_t, acc_t>(c, p, z, s, acc_t(clip_range), x0b, xcb, pb, len);
+        ms_chunk<scalar_t, state_t, acc_t>(c, p, z, s, acc_t(clip_range), x0b, xcb, pb, gb, gw, gf, gfp != nullptr,
+                                           len);
       }
     }
   });
@@ -229,9 +256,10 @@ std::tuple<at::Tensor, at::Tensor> multistep_step_cpu(
     const at::Tensor& model_output, const at::Tensor& sample, at::Tensor& history, at::Tensor& last_sample,
     const at::Tensor& coeffs, at::Tensor& step_index, const c10::optional<at::Tensor>& noise,
     const c10::optional<at::Tensor>& key, const c10::optional<at::Tensor>& thresh, double clip_range,
-    bool return_x0) {
+    bool return_x0, const c10::optional<at::Tensor>& uncond_output, double guidance_scale,
+    const c10::optional<at::Tensor>& guidance_factor) {
   const MsArgs a = ms_prepare(model_output, sample, history, last_sample, coeffs, step_index, noise, key, thresh,
-                              clip_range);
+                              clip_range, uncond_output, guidance_scale, guidance_factor);
   int64_t* ip = step_index.data_ptr<int64_t>();
   const int64_t i = *ip, n_rows = coeffs.size(0);
   TORCH_CHECK_VALUE(i >= 0 && i < n_rows, "fastdiff: step_index=", i, " is outside the coefficient table's rows [0, ",
@@ -254,10 +282,10 @@ std::tuple<at::Tensor, at::Tensor> multistep_step_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, sample.scalar_type(), "fastdiff_multistep_cpu", [&] {
     if (f32_state && !std::is_same<scalar_t, float>::value) {
       ms_run<scalar_t, float>(a, history, last_sample, r, i, k, a.key.defined(), clip_range, prev, x0_out,
-                              return_x0);
+                              return_x0, guidance_scale);
     } else {
       ms_run<scalar_t, scalar_t>(a, history, last_sample, r, i, k, a.key.defined(), clip_range, prev, x0_out,
-                                 return_x0);
+                                 return_x0, guidance_scale);
     }
   });
   *ip = i + 1;

@@ -193,11 +193,24 @@ struct F32Step {
   float sab, s1m, cx0, cxt, sd, clip, th;
   int64_t pred;
   bool ddim, use_clipped;
+  float gw, gf;  // guidance: w - 1 and the rescale factor (used when u is given)
+  bool has_gf;
 };
 
-FD_INLINE void step_chunk_f32_body(const F32Step& p, const float* __restrict__ o, const float* __restrict__ x,
+// With guidance (u != null) a first pass forms the guided output
+// g = f * (c + (w - 1)(c - u)) into the chunk scratch `gbuf`, which then
+// stands for the model output: both predictions are read once, in the same sweep.
+FD_INLINE void step_chunk_f32_body(const F32Step& p, const float* __restrict__ c, const float* __restrict__ u,
+                                   float* __restrict__ gbuf, const float* __restrict__ x,
                                    const float* __restrict__ z, float* __restrict__ prev,
                                    float* __restrict__ x0, int64_t n) {
+  const float* __restrict__ o = c;
+  if (u) {
+    for (int64_t j = 0; j < n; ++j) gbuf[j] = c[j] + p.gw * (c[j] - u[j]);
+    if (p.has_gf)
+      for (int64_t j = 0; j < n; ++j) gbuf[j] *= p.gf;
+    o = gbuf;
+  }
   if (p.pred == kEpsilon) {
     const float inv = 1.0f / p.sab;
     for (int64_t j = 0; j < n; ++j) x0[j] = (x[j] - p.s1m * o[j]) * inv;
@@ -230,19 +243,22 @@ FD_INLINE void step_chunk_f32_body(const F32Step& p, const float* __restrict__ o
     for (int64_t j = 0; j < n; ++j) prev[j] += p.sd * z[j];
 }
 
-#define FD_STEP_ARGS                                                                                    \
-  const F32Step p, const float* __restrict__ o, const float* __restrict__ x, const float* __restrict__ z, \
-      float* __restrict__ prev, float* __restrict__ x0, int64_t n
+#define FD_STEP_ARGS                                                                                          \
+  const F32Step p, const float* __restrict__ o, const float* __restrict__ u, float* __restrict__ g,            \
+      const float* __restrict__ x, const float* __restrict__ z, float* __restrict__ prev, float* __restrict__ x0, \
+      int64_t n
 #if FD_X86_DISPATCH
-FD_TARGET_AVX2 void step_chunk_f32_avx2(FD_STEP_ARGS) { step_chunk_f32_body(p, o, x, z, prev, x0, n); }
+FD_TARGET_AVX2 void step_chunk_f32_avx2(FD_STEP_ARGS) { step_chunk_f32_body(p, o, u, g, x, z, prev, x0, n); }
 #endif
-__attribute__((noinline)) void step_chunk_f32_base(FD_STEP_ARGS) { step_chunk_f32_body(p, o, x, z, prev, x0, n); }
+__attribute__((noinline)) void step_chunk_f32_base(FD_STEP_ARGS) {
+  step_chunk_f32_body(p, o, u, g, x, z, prev, x0, n);
+}
 // The AVX2 or the baseline build (cpu/isa.h).
 inline void step_chunk_f32(FD_STEP_ARGS) {
 #if FD_X86_DISPATCH
-  if (cpu_use_avx2()) return step_chunk_f32_avx2(p, o, x, z, prev, x0, n);
+  if (cpu_use_avx2()) return step_chunk_f32_avx2(p, o, u, g, x, z, prev, x0, n);
 #endif
-  step_chunk_f32_base(p, o, x, z, prev, x0, n);
+  step_chunk_f32_base(p, o, u, g, x, z, prev, x0, n);
 }
 #undef FD_STEP_ARGS
 }  // namespace
@@ -250,7 +266,7 @@ inline void step_chunk_f32(FD_STEP_ARGS) {
 template <bool kDDIM>
 static std::tuple<at::Tensor, at::Tensor> step_impl(const StepArgs& s, const at::Tensor& abar, int64_t pred,
                                                     int64_t var_type, double clip_range, double eta,
-                                                    double final_ab, bool use_clipped) {
+                                                    double final_ab, bool use_clipped, double guidance_scale) {
   const at::Tensor& x = s.x;
   at::Tensor prev = at::empty_like(x), x0_out = at::empty_like(x);
   const int64_t N = x.size(0), M = per_sample(x), T = abar.size(0);
@@ -259,6 +275,7 @@ static std::tuple<at::Tensor, at::Tensor> step_impl(const StepArgs& s, const at:
   const int64_t* pp = s.t_prev.data_ptr<int64_t>();
   const double* ap = ac.data_ptr<double>();
   const float* thp = s.thresh.defined() ? s.thresh.data_ptr<float>() : nullptr;
+  const double* gfp = s.gfac.defined() ? s.gfac.data_ptr<double>() : nullptr;
   const bool rng = s.key.defined();
   const PhiloxKey k = rng ? read_key(s.key) : PhiloxKey{};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastdiff_step_cpu", [&] {
@@ -267,6 +284,8 @@ static std::tuple<at::Tensor, at::Tensor> step_impl(const StepArgs& s, const at:
     const scalar_t* mp = s.out.data_ptr<scalar_t>();
     const scalar_t* vp = s.var.defined() ? s.var.data_ptr<scalar_t>() : nullptr;
     const scalar_t* np = s.noise.defined() ? s.noise.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* up = s.uncond.defined() ? s.uncond.data_ptr<scalar_t>() : nullptr;
+    const acc_t gw = acc_t(guidance_scale - 1.0);
     scalar_t* op = prev.data_ptr<scalar_t>();
     scalar_t* x0p = x0_out.data_ptr<scalar_t>();
     for_each_chunk(N, M, [&](int64_t n, int64_t lo, int64_t hi, int64_t) {
@@ -285,19 +304,31 @@ static std::tuple<at::Tensor, at::Tensor> step_impl(const StepArgs& s, const at:
         z = buf.get();
         fill_normal(k, static_cast<uint64_t>(base), hi - lo, z);
       }
+      const acc_t gf = gfp ? acc_t(gfp[n]) : acc_t(1);
       if constexpr (std::is_same<scalar_t, float>::value) {
         if (kDDIM || var_type < kLearned) {
           const F32Step p{float(sab), float(s1m), float(cx0), float(cxt), float(c.std), float(clip), float(th),
-                          pred, kDDIM, use_clipped};
+                          pred, kDDIM, use_clipped, float(gw), float(gf), gfp != nullptr};
           // (casts are no-ops: this branch only runs when scalar_t is float)
           const float* zz = !add_noise ? nullptr : (z ? z : reinterpret_cast<const float*>(np + base));
-          step_chunk_f32(p, reinterpret_cast<const float*>(mp + base), reinterpret_cast<const float*>(xp + base),
-                         zz, reinterpret_cast<float*>(op + base), reinterpret_cast<float*>(x0p + base), hi - lo);
+          float* g = nullptr;
+          if (up) {
+            thread_local NoiseBuf gbuf;  // the chunk's guided output
+            g = gbuf.get();
+          }
+          step_chunk_f32(p, reinterpret_cast<const float*>(mp + base),
+                         up ? reinterpret_cast<const float*>(up + base) : nullptr, g,
+                         reinterpret_cast<const float*>(xp + base), zz, reinterpret_cast<float*>(op + base),
+                         reinterpret_cast<float*>(x0p + base), hi - lo);
           return;
         }
       }
       for (int64_t j = 0; j < hi - lo; ++j) {
-        const acc_t o = static_cast<acc_t>(mp[base + j]);
+        acc_t o = static_cast<acc_t>(mp[base + j]);
+        if (up) {  // classifier-free guidance: f * (c + (w - 1)(c - u))
+          o = o + gw * (o - static_cast<acc_t>(up[base + j]));
+          if (gfp) o = o * gf;
+        }
         const acc_t xv = static_cast<acc_t>(xp[base + j]);
         const acc_t x0 = clip_x0<acc_t>(predict_x0<acc_t>(o, xv, sab, s1m, pred), clip, th);
         acc_t r;
@@ -327,13 +358,15 @@ std::tuple<at::Tensor, at::Tensor> ddpm_step_cpu(const at::Tensor& model_output,
                                                  const c10::optional<at::Tensor>& noise,
                                                  const c10::optional<at::Tensor>& key,
                                                  const c10::optional<at::Tensor>& thresh, int64_t prediction_type,
-                                                 int64_t variance_type, double clip_range) {
+                                                 int64_t variance_type, double clip_range,
+                                                 const c10::optional<at::Tensor>& uncond_output, double guidance_scale,
+                                                 const c10::optional<at::Tensor>& guidance_factor) {
   TORCH_CHECK(variance_type >= 0 && variance_type <= 5, "fastdiff: variance_type code must be in 0..5, got ",
               variance_type);
   TORCH_CHECK(variance_type < kLearned || model_var.has_value(), "fastdiff: learned variance types need model_var");
   const StepArgs s = prepare_step(model_output, sample, t, t_prev, abar, model_var, noise, key, thresh,
-                                  prediction_type);
-  return step_impl<false>(s, abar, prediction_type, variance_type, clip_range, 0.0, 1.0, false);
+                                  prediction_type, uncond_output, guidance_scale, guidance_factor);
+  return step_impl<false>(s, abar, prediction_type, variance_type, clip_range, 0.0, 1.0, false, guidance_scale);
 }
 
 std::tuple<at::Tensor, at::Tensor> ddim_step_cpu(const at::Tensor& model_output, const at::Tensor& sample,
@@ -342,12 +375,14 @@ std::tuple<at::Tensor, at::Tensor> ddim_step_cpu(const at::Tensor& model_output,
                                                  const c10::optional<at::Tensor>& key,
                                                  const c10::optional<at::Tensor>& thresh, int64_t prediction_type,
                                                  double clip_range, double eta, double final_alpha_cumprod,
-                                                 bool use_clipped_model_output) {
+                                                 bool use_clipped_model_output,
+                                                 const c10::optional<at::Tensor>& uncond_output, double guidance_scale,
+                                                 const c10::optional<at::Tensor>& guidance_factor) {
   TORCH_CHECK(eta >= 0.0, "fastdiff: eta must be >= 0, got ", eta);
   const StepArgs s = prepare_step(model_output, sample, t, t_prev, abar, c10::nullopt, noise, key, thresh,
-                                  prediction_type);
+                                  prediction_type, uncond_output, guidance_scale, guidance_factor);
   return step_impl<true>(s, abar, prediction_type, kFixedSmall, clip_range, eta, final_alpha_cumprod,
-                         use_clipped_model_output);
+                         use_clipped_model_output, guidance_scale);
 }
 
 TORCH_LIBRARY_IMPL(fastdiff, CPU, m) {

@@ -41,6 +41,8 @@ template <typename scalar_t, typename state_t>
 struct MsKernelArgs {
   const scalar_t* __restrict__ x;
   const scalar_t* __restrict__ m;
+  const scalar_t* __restrict__ u;       // unconditional output (classifier-free guidance) or null
+  const double* __restrict__ gfac;      // per-sample guidance-rescale factor or null
   const scalar_t* __restrict__ noise;
   const int64_t* __restrict__ key;
   const float* __restrict__ thresh;
@@ -51,7 +53,7 @@ struct MsKernelArgs {
   scalar_t* __restrict__ prev;
   scalar_t* __restrict__ x0;  // or null
   int64_t numel, M, n_rows, hstride, K;
-  double clip_d;
+  double clip_d, guidance_scale;
   bool kept, has_noise_tensor, has_key;
 };
 
@@ -97,6 +99,7 @@ __global__ void __launch_bounds__(kMsThreads) multistep_kernel(const MsKernelArg
   if (a.has_key && use_az)
     key = make_key(a.key[0], static_cast<int64_t>(static_cast<uint64_t>(a.key[1]) + static_cast<uint64_t>(i)));
   const acc_t nan = fd_nan<acc_t>();
+  const acc_t gw = acc_t(a.guidance_scale - 1.0);
   const int64_t groups = (a.numel + 3) / 4;
   for (int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < groups;
        g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -107,7 +110,11 @@ __global__ void __launch_bounds__(kMsThreads) multistep_kernel(const MsKernelArg
       const int64_t e = g * 4 + l;
       if (e >= a.numel) break;
       const acc_t xv = static_cast<acc_t>(a.x[e]);
-      const acc_t mv = (use_cm || use_am) ? static_cast<acc_t>(a.m[e]) : acc_t(0);
+      acc_t mv = (use_cm || use_am) ? static_cast<acc_t>(a.m[e]) : acc_t(0);
+      if (a.u && (use_cm || use_am)) {  // guidance: f * (c + (w - 1)(c - u)), read in the same sweep
+        mv = mv + gw * (mv - static_cast<acc_t>(a.u[e]));
+        if (a.gfac) mv = mv * acc_t(a.gfac[e / a.M]);
+      }
       acc_t x0 = (use_cx ? cx * xv : acc_t(0)) + (use_cm ? cm * mv : acc_t(0));
       const acc_t s = a.thresh ? acc_t(a.thresh[e / a.M]) : acc_t(0);
       x0 = clip_x0<acc_t>(x0, acc_t(a.clip_d), s);
@@ -143,9 +150,10 @@ std::tuple<at::Tensor, at::Tensor> multistep_step_cuda(
     const at::Tensor& model_output, const at::Tensor& sample, at::Tensor& history, at::Tensor& last_sample,
     const at::Tensor& coeffs, at::Tensor& step_index, const c10::optional<at::Tensor>& noise,
     const c10::optional<at::Tensor>& key, const c10::optional<at::Tensor>& thresh, double clip_range,
-    bool return_x0) {
+    bool return_x0, const c10::optional<at::Tensor>& uncond_output, double guidance_scale,
+    const c10::optional<at::Tensor>& guidance_factor) {
   const MsArgs a = ms_prepare(model_output, sample, history, last_sample, coeffs, step_index, noise, key, thresh,
-                              clip_range);
+                              clip_range, uncond_output, guidance_scale, guidance_factor);
   const c10::cuda::CUDAGuard guard(sample.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor prev = ms_empty(a, sample.scalar_type());
@@ -165,6 +173,9 @@ std::tuple<at::Tensor, at::Tensor> multistep_step_cuda(
         MsKernelArgs<scalar_t, state_t> k{};
         k.x = a.x.data_ptr<scalar_t>();
         k.m = a.m.data_ptr<scalar_t>();
+        k.u = a.u.defined() ? a.u.data_ptr<scalar_t>() : nullptr;
+        k.gfac = a.gfac.defined() ? a.gfac.data_ptr<double>() : nullptr;
+        k.guidance_scale = guidance_scale;
         k.noise = a.noise.defined() ? a.noise.data_ptr<scalar_t>() : nullptr;
         k.key = a.key.defined() ? a.key.data_ptr<int64_t>() : nullptr;
         k.thresh = a.thresh.defined() ? a.thresh.data_ptr<float>() : nullptr;

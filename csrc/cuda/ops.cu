@@ -337,6 +337,7 @@ __global__ void loss_finalize_kernel(const acc_t* __restrict__ partial, const fl
 template <typename acc_t>
 struct StepBlockCoef {
   acc_t sab, s1m, cx0, cxt, std, th;
+  acc_t gf;  // classifier-free guidance rescale factor of the sample (1 without rescale)
   acc_t log_small, log_large;  // learned_range end points, already rounded as ddpm_elem_std rounds them
   bool valid, add_noise;
 };
@@ -351,6 +352,7 @@ __device__ __forceinline__ StepBlockCoef<acc_t> step_block_coef(const StepCoef& 
   c.cxt = static_cast<acc_t>(sc.c_xt);
   c.std = static_cast<acc_t>(sc.std);
   c.th = thresh ? static_cast<acc_t>(thresh[n]) : acc_t(0);
+  c.gf = acc_t(1);
   c.log_small = static_cast<acc_t>(sc.log_small);
   c.log_large = static_cast<acc_t>(sc.log_large);
   c.valid = sc.valid;
@@ -358,12 +360,19 @@ __device__ __forceinline__ StepBlockCoef<acc_t> step_block_coef(const StepCoef& 
   return c;
 }
 
-// Ancestral DDPM step; in = {model_output, sample, model_var, noise}, out = {prev, x0_hat}
+// Classifier-free guidance: the model output the step uses, f * (c + (w - 1)(c - u)),
+// from the conditional c and unconditional u read in the same sweep.
+template <typename acc_t>
+__device__ __forceinline__ acc_t guided_output(bool guided, acc_t c, acc_t u, acc_t gw, acc_t gf) {
+  return guided ? (c + gw * (c - u)) * gf : c;
+}
+
+// Ancestral DDPM step; in = {model_output, sample, model_var, noise, uncond_output}, out = {prev, x0_hat}
 template <typename scalar_t_, bool kRng_>
 struct DdpmOp {
   using scalar_t = scalar_t_;
   using acc_t = acc_type_t<scalar_t>;
-  static constexpr int kIn = 4, kOut = 2, kUnroll = unroll_for(sizeof(scalar_t), kIn);
+  static constexpr int kIn = 5, kOut = 2, kUnroll = unroll_for(sizeof(scalar_t), kIn);
   static constexpr bool kRng = kRng_, kReduce = false, kSharedCoef = true;
   static constexpr int kMinBlocks = 3;  // more live state: 80 registers avoid spills, 37.5% occupancy is plenty
   using Coef = StepBlockCoef<acc_t>;
@@ -377,10 +386,14 @@ struct DdpmOp {
   int64_t T;
   int64_t pred, var_type;
   acc_t clip;
+  acc_t gw;             // guidance_scale - 1
+  const double* gfac;   // per-sample rescale factor, or null
 
   __device__ __forceinline__ Coef coef(int64_t n) const {
-    return step_block_coef<acc_t>(ddpm_coef(abar, T, t[n], t_prev[n], var_type), thresh, n,
-                                  kRng || in[3] != nullptr);
+    Coef c = step_block_coef<acc_t>(ddpm_coef(abar, T, t[n], t_prev[n], var_type), thresh, n,
+                                    kRng || in[3] != nullptr);
+    if (gfac) c.gf = static_cast<acc_t>(gfac[n]);
+    return c;
   }
   __device__ __forceinline__ bool wants_z(const Coef& c) const { return c.add_noise; }
   __device__ __forceinline__ void apply(const Coef& c, const acc_t (&x)[kIn], float z, acc_t (&y)[kOut],
@@ -389,7 +402,7 @@ struct DdpmOp {
       y[0] = y[1] = fd_nan<acc_t>();
       return;
     }
-    const acc_t o = x[0], xv = x[1];
+    const acc_t o = guided_output<acc_t>(in[4] != nullptr, x[0], x[4], gw, c.gf), xv = x[1];
     const acc_t x0 = clip_x0<acc_t>(predict_x0<acc_t>(o, xv, c.sab, c.s1m, pred), clip, c.th);
     acc_t r = c.cx0 * x0 + c.cxt * xv;
     if (c.add_noise) {
@@ -410,12 +423,12 @@ struct DdpmOp {
   __device__ __forceinline__ void finish(int64_t, int64_t, int64_t, acc_t) const {}
 };
 
-// DDIM step; in = {model_output, sample, noise}, out = {prev, x0_hat}
+// DDIM step; in = {model_output, sample, noise, uncond_output}, out = {prev, x0_hat}
 template <typename scalar_t_, bool kRng_>
 struct DdimOp {
   using scalar_t = scalar_t_;
   using acc_t = acc_type_t<scalar_t>;
-  static constexpr int kIn = 3, kOut = 2, kUnroll = unroll_for(sizeof(scalar_t), kIn);
+  static constexpr int kIn = 4, kOut = 2, kUnroll = unroll_for(sizeof(scalar_t), kIn);
   static constexpr bool kRng = kRng_, kReduce = false, kSharedCoef = true;
   static constexpr int kMinBlocks = 3;  // more live state: 80 registers avoid spills, 37.5% occupancy is plenty
   using Coef = StepBlockCoef<acc_t>;
@@ -431,10 +444,14 @@ struct DdimOp {
   acc_t clip;
   double eta, final_ab;
   bool use_clipped;
+  acc_t gw;             // guidance_scale - 1
+  const double* gfac;   // per-sample rescale factor, or null
 
   __device__ __forceinline__ Coef coef(int64_t n) const {
-    return step_block_coef<acc_t>(ddim_coef(abar, T, t[n], t_prev[n], eta, final_ab), thresh, n,
-                                  kRng || in[2] != nullptr);
+    Coef c = step_block_coef<acc_t>(ddim_coef(abar, T, t[n], t_prev[n], eta, final_ab), thresh, n,
+                                    kRng || in[2] != nullptr);
+    if (gfac) c.gf = static_cast<acc_t>(gfac[n]);
+    return c;
   }
   __device__ __forceinline__ bool wants_z(const Coef& c) const { return c.add_noise; }
   __device__ __forceinline__ void apply(const Coef& c, const acc_t (&x)[kIn], float z, acc_t (&y)[kOut],
@@ -443,7 +460,7 @@ struct DdimOp {
       y[0] = y[1] = fd_nan<acc_t>();
       return;
     }
-    const acc_t o = x[0], xv = x[1];
+    const acc_t o = guided_output<acc_t>(in[3] != nullptr, x[0], x[3], gw, c.gf), xv = x[1];
     acc_t eps = pred == kEpsilon ? o : (pred == kSample ? (xv - c.sab * o) / c.s1m : c.sab * o + c.s1m * xv);
     const acc_t x0 = clip_x0<acc_t>(predict_x0<acc_t>(o, xv, c.sab, c.s1m, pred), clip, c.th);
     if (use_clipped) eps = (xv - c.sab * x0) / c.s1m;
@@ -661,6 +678,7 @@ void fill_step(Op& op, const StepArgs& s, const at::Tensor& ac, at::Tensor& prev
   op.abar = ac.data_ptr<double>();
   op.thresh = s.thresh.defined() ? s.thresh.data_ptr<float>() : nullptr;
   op.T = ac.size(0);
+  op.gfac = s.gfac.defined() ? s.gfac.data_ptr<double>() : nullptr;
 }
 
 }  // namespace
@@ -671,14 +689,17 @@ std::tuple<at::Tensor, at::Tensor> ddpm_step_cuda(const at::Tensor& model_output
                                                   const c10::optional<at::Tensor>& noise,
                                                   const c10::optional<at::Tensor>& key,
                                                   const c10::optional<at::Tensor>& thresh, int64_t prediction_type,
-                                                  int64_t variance_type, double clip_range) {
+                                                  int64_t variance_type, double clip_range,
+                                                  const c10::optional<at::Tensor>& uncond_output,
+                                                  double guidance_scale,
+                                                  const c10::optional<at::Tensor>& guidance_factor) {
   TORCH_CHECK(variance_type >= 0 && variance_type <= 5, "fastdiff: variance_type code must be in 0..5, got ",
               variance_type);
   TORCH_CHECK(variance_type < kLearned || model_var.has_value(), "fastdiff: learned variance types need model_var");
   check_cuda(sample, "sample");
   const c10::cuda::CUDAGuard guard(sample.device());
   const StepArgs s = prepare_step(model_output, sample, t, t_prev, abar, model_var, noise, key, thresh,
-                                  prediction_type);
+                                  prediction_type, uncond_output, guidance_scale, guidance_factor);
   at::Tensor prev = at::empty_like(s.x), x0_out = at::empty_like(s.x);
   const int64_t N = s.x.size(0), M = per_sample(s.x);
   if (s.x.numel() == 0) return {prev, x0_out};
@@ -691,6 +712,8 @@ std::tuple<at::Tensor, at::Tensor> ddpm_step_cuda(const at::Tensor& model_output
       fill_step(op, s, ac, prev, x0_out);
       op.in[2] = ptr_or_null<scalar_t>(s.var);
       op.in[3] = ptr_or_null<scalar_t>(s.noise);
+      op.in[4] = ptr_or_null<scalar_t>(s.uncond);
+      op.gw = static_cast<acc_t>(guidance_scale - 1.0);
       op.pred = prediction_type;
       op.var_type = variance_type;
       op.clip = static_cast<acc_t>(clip_range);
@@ -714,12 +737,15 @@ std::tuple<at::Tensor, at::Tensor> ddim_step_cuda(const at::Tensor& model_output
                                                   const c10::optional<at::Tensor>& key,
                                                   const c10::optional<at::Tensor>& thresh, int64_t prediction_type,
                                                   double clip_range, double eta, double final_alpha_cumprod,
-                                                  bool use_clipped_model_output) {
+                                                  bool use_clipped_model_output,
+                                                  const c10::optional<at::Tensor>& uncond_output,
+                                                  double guidance_scale,
+                                                  const c10::optional<at::Tensor>& guidance_factor) {
   TORCH_CHECK(eta >= 0.0, "fastdiff: eta must be >= 0, got ", eta);
   check_cuda(sample, "sample");
   const c10::cuda::CUDAGuard guard(sample.device());
   const StepArgs s = prepare_step(model_output, sample, t, t_prev, abar, c10::nullopt, noise, key, thresh,
-                                  prediction_type);
+                                  prediction_type, uncond_output, guidance_scale, guidance_factor);
   at::Tensor prev = at::empty_like(s.x), x0_out = at::empty_like(s.x);
   const int64_t N = s.x.size(0), M = per_sample(s.x);
   if (s.x.numel() == 0) return {prev, x0_out};
@@ -731,6 +757,8 @@ std::tuple<at::Tensor, at::Tensor> ddim_step_cuda(const at::Tensor& model_output
     auto fill = [&](auto& op) {
       fill_step(op, s, ac, prev, x0_out);
       op.in[2] = ptr_or_null<scalar_t>(s.noise);
+      op.in[3] = ptr_or_null<scalar_t>(s.uncond);
+      op.gw = static_cast<acc_t>(guidance_scale - 1.0);
       op.pred = prediction_type;
       op.clip = static_cast<acc_t>(clip_range);
       op.eta = eta;

@@ -22,6 +22,9 @@ OPS = {
     "diffusion_loss": "epsilon-target MSE loss, forward + backward",
     "ddpm_step": "DDPM ancestral step with noise (fixed_small variance)",
     "ddim_step": "DDIM step, eta = 0 (50-step respaced chain)",
+    "guided_step": "DDPM step with classifier-free guidance (w = 7.5): the guided fused step (reads both "
+                   "predictions) vs the unguided fused step (variant unguided; target: guided <= 1.2x) and "
+                   "diffusers' way (a torch combine, then DDPMScheduler.step)",
     "multistep_step": "DPM-Solver++(2M) step (midpoint, epsilon model, one history slot): fastdiff.multistep_step "
                       "vs the same update in eager PyTorch",
     "sampler_loop": "a whole 10-step sampling loop of the scheduler alone on a fixed model output "

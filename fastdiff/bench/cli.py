@@ -167,7 +167,9 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--layout", type=_csv, default=["NCHW"], metavar="L[,L...]",
                    help="memory layout(s): NCHW, NHWC (channels_last weights and inputs); default NCHW")
     g.add_argument("--methods", type=_csv, default=list(E.METHODS), metavar="M[,M...]",
-                   help="samplers of `bench sample`: ddpm, ddim (default both)")
+                   help="samplers of `bench sample`: ddpm, ddim (default both); latent: the SD-1.5-shaped "
+                        "latent-diffusion case (U-Net step + VAE decode: stock, patched, compiled, "
+                        "patched+compiled; fastdiff.bench.latent)")
     g.add_argument("--impls", type=_csv, default=None, metavar="I[,I...]",
                    help="configurations to time (default all): " + "; ".join(f"{k}: {v}" for k, v in E.IMPLS.items()))
     g.add_argument("--sample-batch", type=int, default=None, metavar="N",
@@ -213,8 +215,15 @@ def run_cli(suite: str, args: argparse.Namespace) -> int:
         malloc_note = None
         if device == "cpu" and a("malloc_reuse", True):
             malloc_note = timing.keep_freed_memory()
-        rows = E.run(suite, device, preset=a("unet_preset"), batch=batch, dtypes=dtypes,
-                   layouts=[x.upper() for x in (a("layout") or ["NCHW"])], methods=a("methods") or E.METHODS,
+        methods = list(a("methods") or E.METHODS)
+        latent_rows = None
+        if suite == "sample" and "latent" in methods:  # fastdiff.bench.latent: SD-shaped latent diffusion
+            from .latent import format_table as latent_table, run_cli as latent_cli
+            methods = [m for m in methods if m != "latent"]
+            latent_rows = latent_cli(args, log)
+        rows = [] if not methods else E.run(
+                   suite, device, preset=a("unet_preset"), batch=batch, dtypes=dtypes,
+                   layouts=[x.upper() for x in (a("layout") or ["NCHW"])], methods=methods,
                    ddpm_steps=a("ddpm_steps"), ddim_steps=a("ddim_steps"), impls=a("impls"), quick=bool(a("quick")),
                    compile=a("compile"), compile_budget_s=a("compile_budget"), reps=a("reps"),
                    breakdown=a("breakdown", True), memory=a("memory", True), profile_dir=a("profile"), log=log)
@@ -224,12 +233,17 @@ def run_cli(suite: str, args: argparse.Namespace) -> int:
     where = f"GPU {torch.cuda.get_device_name()}" if device == "cuda" else \
         f"CPU {report.cpu_model()}, {torch.get_num_threads()} threads"
     print(f"fastdiff bench {suite} on {where}; torch {torch.__version__}\n")
-    print(E.format_table(rows))
+    if rows:
+        print(E.format_table(rows))
+    e2e_rows = rows
+    if latent_rows is not None:
+        print(latent_table(latent_rows))
+        rows = rows + latent_rows
     if a("json"):
         meta = E.metadata(device, suite=suite, quick=bool(a("quick")), malloc=malloc_note or "default",
                         argv=sys.argv[1:])
         E.write_json(a("json"), rows, meta)
         log(f"results written to {a('json')}")
-    if a("plot"):
-        print(E.plot(rows, a("plot")), file=sys.stderr)
+    if a("plot") and e2e_rows:
+        print(E.plot(e2e_rows, a("plot")), file=sys.stderr)
     return 0

@@ -1,6 +1,6 @@
 """The elementwise suite of ``fastdiff bench``: the fused step operators
 (q_sample with and without the in-kernel noise draw, the fused loss, the
-DDPM and DDIM steps) against eager PyTorch, diffusers and ``torch.compile``.
+DDPM and DDIM steps, the guided DDPM step) against eager PyTorch, diffusers and ``torch.compile``.
 The method is described in :mod:`fastdiff.bench`; :func:`run_ops` returns
 the rows."""
 from __future__ import annotations
@@ -252,6 +252,58 @@ def _cases_ddim_step(ctx: _Ctx, gen) -> list:
     return cases
 
 
+GUIDANCE_SCALE = 7.5
+
+
+def eager_guided_ddpm_step(cond, uncond, x, t, w, sqrt_ab, sqrt_1m_ab, c_x0, c_xt, sigma):
+    """Classifier-free guidance as pipelines write it (a separate combine), then the textbook step."""
+    return eager_ddpm_step(uncond + w * (cond - uncond), x, t, sqrt_ab, sqrt_1m_ab, c_x0, c_xt, sigma)
+
+
+def _cases_guided_step(ctx: _Ctx, gen) -> list:
+    """Minimum traffic of a guided step: read both predictions and x, write prev and x0 (5 tensors);
+    the unguided fused step moves 4."""
+    dev, B = ctx.device, ctx.tensor_bytes
+    conds, unconds, xs = ctx.randn(gen), ctx.randn(gen), ctx.randn(gen)
+    n = ctx.shape[0]
+    tt = torch.full((n,), STEP_T, dtype=torch.int64, device=dev)
+    s, tab, w = ctx.sched, ctx.tables, GUIDANCE_SCALE
+    cases = []
+    for impl, backend in ctx.fastdiff_impls:
+        def guided(i):
+            k = fastdiff.draw_key(device=dev)
+            return fastdiff.ddpm_step(conds[i], tt, xs[i], s, key=k, uncond_output=unconds[i], guidance_scale=w)
+
+        def rescaled(i):
+            k = fastdiff.draw_key(device=dev)
+            return fastdiff.ddpm_step(conds[i], tt, xs[i], s, key=k, uncond_output=unconds[i], guidance_scale=w,
+                                      guidance_rescale=0.7)
+
+        def unguided(i):
+            k = fastdiff.draw_key(device=dev)
+            return fastdiff.ddpm_step(conds[i], tt, xs[i], s, key=k)
+        cases.append(Case("guided_step", impl, guided, 5 * B, backend=backend))
+        cases.append(Case("guided_step", impl, rescaled, 5 * B, "rescale 0.7 (+ std pre-pass)", backend))
+        cases.append(Case("guided_step", impl, unguided, 4 * B, "unguided", backend))
+    if ctx.diffusers is not None:
+        sch = ctx.diffusers.DDPMScheduler(num_train_timesteps=T_TRAIN, beta_schedule="linear", clip_sample=False,
+                                          variance_type="fixed_small")
+        g = torch.Generator(device=dev).manual_seed(0)
+
+        def fd(i):
+            eps = unconds[i] + w * (conds[i] - unconds[i])
+            return sch.step(eps, STEP_T, xs[i], generator=g, return_dict=False)
+        cases.append(Case("guided_step", "diffusers", fd, 5 * B))
+    else:
+        cases.append(Case("guided_step", "diffusers", None, 5 * B, note=ctx.diffusers_note))
+    args = (tab["sqrt_ab"], tab["sqrt_1m_ab"], tab["c_x0"], tab["c_xt"], tab["sigma"])
+    cases.append(Case("guided_step", "eager",
+                      lambda i: eager_guided_ddpm_step(conds[i], unconds[i], xs[i], tt, w, *args), 5 * B))
+    cases.append(_compile_case(ctx, "guided_step", eager_guided_ddpm_step, 5 * B,
+                               lambda cf, i: cf(conds[i], unconds[i], xs[i], tt, w, *args)))
+    return cases
+
+
 def _dpmpp_2m_scalars(sched: fastdiff.NoiseSchedule, t_prev_prev: int, t_cur: int, t_next: int) -> dict:
     """alpha/sigma/h/r0 of one DPM-Solver++(2M) step t_cur -> t_next after t_prev_prev (float64 host maths)."""
     ab = sched.alphas_cumprod.double().cpu()
@@ -350,12 +402,13 @@ _BUILDERS = {
     "diffusion_loss": _cases_diffusion_loss,
     "ddpm_step": _cases_ddpm_step,
     "ddim_step": _cases_ddim_step,
+    "guided_step": _cases_guided_step,
     "multistep_step": _cases_multistep_step,
     "sampler_loop": _cases_sampler_loop,
 }
 # full-size tensors each input set holds (for the rotation count)
 _INPUTS_PER_SET = {"q_sample_rng": 1, "q_sample": 2, "diffusion_loss": 3, "ddpm_step": 2, "ddim_step": 2,
-                   "multistep_step": 2, "sampler_loop": 2}
+                   "guided_step": 3, "multistep_step": 2, "sampler_loop": 2}
 
 
 def fastdiff_impls(device: str) -> list:
@@ -393,7 +446,8 @@ def _row(case: Case, ctx: _Ctx, copy_gbps: float, st: Optional[dict]) -> dict:
 
 
 _KERNEL_OF = {"q_sample_rng": "q_sample_rng", "q_sample": "q_sample", "diffusion_loss": "diffusion_loss",
-              "ddpm_step": "ddpm_step", "ddim_step": "ddim_step", "multistep_step": "multistep_step",
+              "ddpm_step": "ddpm_step", "ddim_step": "ddim_step", "guided_step": "ddpm_step",
+              "multistep_step": "multistep_step",
               "sampler_loop": "multistep_step"}  # the kernel each row times
 
 

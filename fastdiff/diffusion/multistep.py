@@ -326,23 +326,37 @@ class _FusedMultistep(SchedulerMixin, ConfigMixin):
         return z.to(sample_dtype), None
 
     def _fused(self, model_output: torch.Tensor, sample: torch.Tensor, noise=None, key=None, want_x0=False,
-               thresholding: bool = False):
+               thresholding: bool = False, guidance=(None, 1.0, 0.0)):
         if not isinstance(model_output, torch.Tensor):
             raise TypeError(f"model_output must be a torch.Tensor, got {type(model_output).__name__}")
+        uncond, w, phi = guidance
+        if uncond is not None:
+            if not isinstance(uncond, torch.Tensor):
+                raise TypeError(f"uncond_output must be a torch.Tensor, got {type(uncond).__name__}")
+            if uncond.shape != model_output.shape:
+                raise ValueError(f"uncond_output must have the shape of model_output {tuple(model_output.shape)}, "
+                                 f"got {tuple(uncond.shape)}")
         mo = model_output
         if mo.dim() == sample.dim() and mo.shape[0] == sample.shape[0] and mo.dim() >= 2 and \
                 mo.shape[1] == 2 * sample.shape[1] and mo.shape[2:] == sample.shape[2:] and \
                 getattr(self.config, "variance_type", None) in ("learned", "learned_range"):
             mo = mo[:, :sample.shape[1]]
+            uncond = uncond[:, :sample.shape[1]] if uncond is not None else None
         if mo.shape != sample.shape:
             raise ValueError(f"model_output must have the shape of sample {tuple(sample.shape)}, got "
                              f"{tuple(model_output.shape)}")
         if mo.dtype != sample.dtype:
             mo = mo.to(sample.dtype)
+        if uncond is not None and uncond.dtype != sample.dtype:
+            uncond = uncond.to(sample.dtype)
         self._ensure_buffers(sample)
-        thresh = self._threshold(mo, sample) if thresholding else None
+        thresh = None
+        if thresholding:
+            g = mo if uncond is None else ops.classifier_free_guidance(mo, uncond, w, phi)
+            thresh = self._threshold(g, sample)
         prev, x0 = multistep_step(mo, sample, self._history, self._last, self._coeffs, self._counter, noise=noise,
-                                  key=key, thresh=thresh, return_x0=want_x0)
+                                  key=key, thresh=thresh, return_x0=want_x0, uncond_output=uncond,
+                                  guidance_scale=w, guidance_rescale=phi)
         return prev, x0
 
     def _threshold(self, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
@@ -570,7 +584,8 @@ class FusedDPMSolverMultistepScheduler(_FusedVP):
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator: Generator = None,
              variance_noise: Optional[torch.Tensor] = None, return_dict: bool = True, *,
-             key: Optional[torch.Tensor] = None) -> Union[SchedulerOutput, tuple]:
+             key: Optional[torch.Tensor] = None, uncond_output: Optional[torch.Tensor] = None, guidance_scale: float = 1.0,
+             guidance_rescale: float = 0.0) -> Union[SchedulerOutput, tuple]:
         """One DPM-Solver++ step, one fused kernel launch.
 
         Args:
@@ -582,6 +597,9 @@ class FusedDPMSolverMultistepScheduler(_FusedVP):
             generator: for the SDE variant's noise (drawn as diffusers does).
             variance_noise: the SDE noise itself, like sample.
             return_dict: return a ``SchedulerOutput`` (else a tuple).
+            uncond_output, guidance_scale, guidance_rescale: classifier-free
+                guidance (model_output is the conditional prediction),
+                combined inside the fused step (see :func:`fastdiff.ddpm_step`).
             key: an in-kernel noise key (int64 (2,)) for this step.
 
         Returns: ``SchedulerOutput(prev_sample)`` or ``(prev_sample,)``.
@@ -590,7 +608,8 @@ class FusedDPMSolverMultistepScheduler(_FusedVP):
         sde = self.config.algorithm_type in ("sde-dpmsolver++", "sde-dpmsolver")
         noise, k = self._draw(sample.shape, generator, sample.device, torch.float32,
                               variance_noise if sde else None, key if sde else None, sample.dtype, needed=sde)
-        prev, _ = self._fused(model_output, sample, noise=noise, key=k, thresholding=bool(self.config.thresholding))
+        prev, _ = self._fused(model_output, sample, noise=noise, key=k, thresholding=bool(self.config.thresholding),
+                              guidance=(uncond_output, guidance_scale, guidance_rescale))
         if not return_dict:
             return (prev,)
         return SchedulerOutput(prev_sample=prev)
@@ -714,8 +733,9 @@ class FusedUniPCMultistepScheduler(_FlowShift, _FusedVP):
                                disable_corrector=self.disable_corrector if hasattr(self, "disable_corrector")
                                else cfg.disable_corrector, flow=bool(cfg.use_flow_sigmas))
 
-    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True
-             ) -> Union[SchedulerOutput, tuple]:
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True, *,
+             uncond_output: Optional[torch.Tensor] = None, guidance_scale: float = 1.0,
+             guidance_rescale: float = 0.0) -> Union[SchedulerOutput, tuple]:
         """One UniPC step (the previous step's corrector, then this step's
         predictor), one fused kernel launch.
 
@@ -724,11 +744,14 @@ class FusedUniPCMultistepScheduler(_FlowShift, _FusedVP):
             timestep: the current timestep (used at the first step of a run only).
             sample: x_t, (N, ...) float32/float16/bfloat16/float64.
             return_dict: return a ``SchedulerOutput`` (else a tuple).
+            uncond_output, guidance_scale, guidance_rescale: classifier-free
+                guidance (model_output is the conditional prediction),
+                combined inside the fused step (see :func:`fastdiff.ddpm_step`).
 
         Returns: ``SchedulerOutput(prev_sample)`` or ``(prev_sample,)``.
         """
         self._ready(timestep, sample)
-        prev, _ = self._fused(model_output, sample, thresholding=bool(self.config.thresholding))
+        prev, _ = self._fused(model_output, sample, thresholding=bool(self.config.thresholding), guidance=(uncond_output, guidance_scale, guidance_rescale))
         if not return_dict:
             return (prev,)
         return SchedulerOutput(prev_sample=prev)
@@ -929,8 +952,9 @@ class FusedEulerDiscreteScheduler(_FusedVE):
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, s_churn: float = 0.0,
              s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0,
-             generator: Generator = None, return_dict: bool = True
-             ) -> Union[EulerDiscreteSchedulerOutput, tuple]:
+             generator: Generator = None, return_dict: bool = True, *,
+             uncond_output: Optional[torch.Tensor] = None, guidance_scale: float = 1.0,
+             guidance_rescale: float = 0.0) -> Union[EulerDiscreteSchedulerOutput, tuple]:
         """One Euler step, one fused kernel launch (plus one pass for the churn
         noise when s_churn > 0).
 
@@ -942,6 +966,9 @@ class FusedEulerDiscreteScheduler(_FusedVE):
             s_churn, s_tmin, s_tmax, s_noise: Karras' stochastic churn.
             generator: for the churn noise.
             return_dict: return an ``EulerDiscreteSchedulerOutput`` (else a tuple).
+            uncond_output, guidance_scale, guidance_rescale: classifier-free
+                guidance (model_output is the conditional prediction),
+                combined inside the fused step (see :func:`fastdiff.ddpm_step`).
 
         Returns: ``(prev_sample, pred_original_sample)``.
         """
@@ -957,11 +984,11 @@ class FusedEulerDiscreteScheduler(_FusedVE):
             base = self._coeffs
             self._coeffs = rows
             try:
-                prev, x0 = self._fused(model_output, sample, want_x0=True)
+                prev, x0 = self._fused(model_output, sample, want_x0=True, guidance=(uncond_output, guidance_scale, guidance_rescale))
             finally:
                 self._coeffs = base
         else:
-            prev, x0 = self._fused(model_output, sample, want_x0=True)
+            prev, x0 = self._fused(model_output, sample, want_x0=True, guidance=(uncond_output, guidance_scale, guidance_rescale))
         if not return_dict:
             return prev, x0
         return EulerDiscreteSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
@@ -993,8 +1020,9 @@ class FusedEulerAncestralDiscreteScheduler(_FusedVE):
         return tb.euler_ancestral_rows(sigmas, self.config.prediction_type)
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator: Generator = None,
-             return_dict: bool = True, *, key: Optional[torch.Tensor] = None
-             ) -> Union[EulerAncestralDiscreteSchedulerOutput, tuple]:
+             return_dict: bool = True, *, key: Optional[torch.Tensor] = None,
+             uncond_output: Optional[torch.Tensor] = None, guidance_scale: float = 1.0,
+             guidance_rescale: float = 0.0) -> Union[EulerAncestralDiscreteSchedulerOutput, tuple]:
         """One Euler-ancestral step, one fused kernel launch (noise drawn as
         diffusers draws it, or in the kernel with ``kernel_noise`` / ``key``).
 
@@ -1005,7 +1033,7 @@ class FusedEulerAncestralDiscreteScheduler(_FusedVE):
             raise TypeError(f"model_output must be a torch.Tensor, got {type(model_output).__name__}")
         noise, k = self._draw(model_output.shape, generator, sample.device, model_output.dtype, None, key,
                               sample.dtype, needed=True)
-        prev, x0 = self._fused(model_output, sample, noise=noise, key=k, want_x0=True)
+        prev, x0 = self._fused(model_output, sample, noise=noise, key=k, want_x0=True, guidance=(uncond_output, guidance_scale, guidance_rescale))
         if not return_dict:
             return prev, x0
         return EulerAncestralDiscreteSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
@@ -1135,8 +1163,9 @@ class FusedFlowMatchEulerDiscreteScheduler(_FlowShift, _FusedMultistep):
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, s_churn: float = 0.0,
              s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0,
              generator: Generator = None, per_token_timesteps: Optional[torch.Tensor] = None,
-             return_dict: bool = True, *, key: Optional[torch.Tensor] = None
-             ) -> Union[FlowMatchEulerDiscreteSchedulerOutput, tuple]:
+             return_dict: bool = True, *, key: Optional[torch.Tensor] = None,
+             uncond_output: Optional[torch.Tensor] = None, guidance_scale: float = 1.0,
+             guidance_rescale: float = 0.0) -> Union[FlowMatchEulerDiscreteSchedulerOutput, tuple]:
         """One flow-matching Euler step, one fused kernel launch.
 
         Args:
@@ -1147,6 +1176,9 @@ class FusedFlowMatchEulerDiscreteScheduler(_FlowShift, _FusedMultistep):
             generator: for stochastic_sampling's noise.
             per_token_timesteps: not supported by the fused step (ValueError).
             return_dict: return a ``FlowMatchEulerDiscreteSchedulerOutput``.
+            uncond_output, guidance_scale, guidance_rescale: classifier-free
+                guidance (model_output is the conditional prediction),
+                combined inside the fused step (see :func:`fastdiff.ddpm_step`).
             key: an in-kernel noise key for this step (stochastic_sampling).
 
         Returns: ``(prev_sample,)``.
@@ -1157,7 +1189,7 @@ class FusedFlowMatchEulerDiscreteScheduler(_FlowShift, _FusedMultistep):
         stochastic = bool(self.config.stochastic_sampling)
         noise, k = self._draw(sample.shape, generator, sample.device, torch.float32, None, key if stochastic else None,
                               sample.dtype, needed=stochastic)
-        prev, _ = self._fused(model_output, sample, noise=noise, key=k)
+        prev, _ = self._fused(model_output, sample, noise=noise, key=k, guidance=(uncond_output, guidance_scale, guidance_rescale))
         if not return_dict:
             return (prev,)
         return FlowMatchEulerDiscreteSchedulerOutput(prev_sample=prev)

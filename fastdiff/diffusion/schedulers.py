@@ -417,7 +417,8 @@ class FusedDDPMScheduler(_FusedScheduler):
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator: Generator = None,
              return_dict: bool = True, *, variance_noise: Optional[torch.Tensor] = None,
-             key: Optional[torch.Tensor] = None) -> Union[DDPMSchedulerOutput, tuple]:
+             key: Optional[torch.Tensor] = None, uncond_output: Optional[torch.Tensor] = None,
+             guidance_scale: float = 1.0, guidance_rescale: float = 0.0) -> Union[DDPMSchedulerOutput, tuple]:
         """One ancestral step x_t -> x_{t_prev}, one fused kernel launch.
 
         Args:
@@ -437,6 +438,12 @@ class FusedDDPMScheduler(_FusedScheduler):
                 (instead of generator).
             key: an int64 (2,) in-kernel noise key (:func:`fastdiff.draw_key`)
                 for this step (instead of generator).
+            uncond_output: the unconditional model output for classifier-free
+                guidance (model_output is then the conditional one), like
+                model_output; combined inside the fused step.
+            guidance_scale: w (1: no guidance).
+            guidance_rescale: phi in [0, 1] (Lin et al. 2023; a per-sample std
+                pre-pass).
 
         Returns:
             ``DDPMSchedulerOutput(prev_sample, pred_original_sample)`` or the
@@ -458,7 +465,8 @@ class FusedDDPMScheduler(_FusedScheduler):
             prediction_type=cfg.prediction_type, variance_type=self.variance_type,
             clip_sample=bool(cfg.clip_sample and not cfg.thresholding), clip_sample_range=cfg.clip_sample_range,
             thresholding=bool(cfg.thresholding), dynamic_thresholding_ratio=cfg.dynamic_thresholding_ratio,
-            sample_max_value=cfg.sample_max_value, noise=noise, key=k)
+            sample_max_value=cfg.sample_max_value, noise=noise, key=k, uncond_output=uncond_output,
+            guidance_scale=guidance_scale, guidance_rescale=guidance_rescale)
         if not return_dict:
             return prev, x0
         return DDPMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
@@ -533,7 +541,8 @@ class FusedDDIMScheduler(_FusedScheduler):
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, eta: float = 0.0,
              use_clipped_model_output: bool = False, generator: Generator = None,
              variance_noise: Optional[torch.Tensor] = None, return_dict: bool = True, *,
-             key: Optional[torch.Tensor] = None) -> Union[DDIMSchedulerOutput, tuple]:
+             key: Optional[torch.Tensor] = None, uncond_output: Optional[torch.Tensor] = None,
+             guidance_scale: float = 1.0, guidance_rescale: float = 0.0) -> Union[DDIMSchedulerOutput, tuple]:
         """One DDIM step x_t -> x_{t_prev}, one fused kernel launch.
 
         Args:
@@ -548,6 +557,12 @@ class FusedDDIMScheduler(_FusedScheduler):
             variance_noise: the noise z itself, shape/dtype/device of sample.
             return_dict: return a ``DDIMSchedulerOutput`` (else a tuple).
             key: an int64 (2,) in-kernel noise key for this step.
+            uncond_output: the unconditional model output for classifier-free
+                guidance (model_output is then the conditional one), like
+                model_output; combined inside the fused step.
+            guidance_scale: w (1: no guidance).
+            guidance_rescale: phi in [0, 1] (Lin et al. 2023; a per-sample std
+                pre-pass).
 
         Returns:
             ``DDIMSchedulerOutput(prev_sample, pred_original_sample)`` or the
@@ -567,7 +582,8 @@ class FusedDDIMScheduler(_FusedScheduler):
             clip_sample_range=cfg.clip_sample_range, thresholding=bool(cfg.thresholding),
             dynamic_thresholding_ratio=cfg.dynamic_thresholding_ratio, sample_max_value=cfg.sample_max_value,
             final_alpha_cumprod=self._final_abar, use_clipped_model_output=bool(use_clipped_model_output),
-            noise=noise if eta > 0 else None, key=k if eta > 0 else None)
+            noise=noise if eta > 0 else None, key=k if eta > 0 else None, uncond_output=uncond_output,
+            guidance_scale=guidance_scale, guidance_rescale=guidance_rescale)
         if not return_dict:
             return prev, x0
         return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)

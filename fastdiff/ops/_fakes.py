@@ -41,13 +41,14 @@ def _loss_fake(model_output, x0, t, alphas_cumprod, noise, key, weight, target, 
 
 @torch.library.register_fake(_f("ddpm_step"))
 def _ddpm_fake(model_output, sample, t, t_prev, alphas_cumprod, model_var, noise, key, thresh, prediction_type,
-               variance_type, clip_range):
+               variance_type, clip_range, uncond_output=None, guidance_scale=1.0, guidance_factor=None):
     return empty_canonical(sample), empty_canonical(sample)
 
 
 @torch.library.register_fake(_f("ddim_step"))
 def _ddim_fake(model_output, sample, t, t_prev, alphas_cumprod, noise, key, thresh, prediction_type, clip_range, eta,
-               final_alpha_cumprod, use_clipped_model_output):
+               final_alpha_cumprod, use_clipped_model_output, uncond_output=None, guidance_scale=1.0,
+               guidance_factor=None):
     return empty_canonical(sample), empty_canonical(sample)
 
 
@@ -172,7 +173,7 @@ torch.library.register_autograd(_f("attention"), _attn_backward, setup_context=_
 # ------------------------------------------------------ multistep samplers ----
 @torch.library.register_fake(_f("multistep_step"))
 def _multistep_fake(model_output, sample, history, last_sample, coeffs, step_index, noise, key, thresh, clip_range,
-                    return_x0):
+                    return_x0, uncond_output=None, guidance_scale=1.0, guidance_factor=None):
     from ._multistep_common import empty_working, working_layout
 
     layout = working_layout(sample, history, last_sample)

@@ -64,8 +64,21 @@ def diffusion_loss(model_output, x0, t, alphas_cumprod, noise, key, weight, targ
     return per, g
 
 
+def _guided(model_output, uncond_output, guidance_scale, guidance_factor):
+    """The (float64) prediction the step uses: model_output, or its
+    classifier-free-guided combination with uncond_output."""
+    from ._guidance import check_op_args
+
+    check_op_args(model_output, uncond_output, guidance_scale, guidance_factor)
+    if uncond_output is None:
+        return model_output
+    return ref.guided_output(model_output, uncond_output, guidance_scale, guidance_factor)
+
+
 def ddpm_step(model_output, sample, t, t_prev, alphas_cumprod, model_var, noise, key, thresh,
-              prediction_type, variance_type, clip_range):
+              prediction_type, variance_type, clip_range, uncond_output=None, guidance_scale=1.0,
+              guidance_factor=None):
+    model_output = _guided(model_output, uncond_output, guidance_scale, guidance_factor)
     T = alphas_cumprod.shape[0]
     z = noise if noise is not None else (_noise(sample, key) if key is not None else None)
     tc, pc = t.clamp(0, T - 1), t_prev.clamp(-1, T - 1)
@@ -78,7 +91,9 @@ def ddpm_step(model_output, sample, t, t_prev, alphas_cumprod, model_var, noise,
 
 
 def ddim_step(model_output, sample, t, t_prev, alphas_cumprod, noise, key, thresh, prediction_type, clip_range,
-              eta, final_alpha_cumprod, use_clipped_model_output):
+              eta, final_alpha_cumprod, use_clipped_model_output, uncond_output=None, guidance_scale=1.0,
+              guidance_factor=None):
+    model_output = _guided(model_output, uncond_output, guidance_scale, guidance_factor)
     T = alphas_cumprod.shape[0]
     z = noise if noise is not None else (_noise(sample, key) if key is not None else None)
     tc, pc = t.clamp(0, T - 1), t_prev.clamp(-1, T - 1)
@@ -133,7 +148,7 @@ def attention_backward(grad_out, q, k, v, out, lse, scale):
 
 # ------------------------------------------------------ multistep samplers ----
 def multistep_step(model_output, sample, history, last_sample, coeffs, step_index, noise, key, thresh, clip_range,
-                   return_x0):
+                   return_x0, uncond_output=None, guidance_scale=1.0, guidance_factor=None):
     """Row ``step_index`` of ``coeffs`` (see fastdiff/reference/multistep.py).
     A row that cannot be applied (step_index outside the table, a non-finite
     coefficient, a history age beyond K, ...) raises ValueError on the CPU;
@@ -143,6 +158,7 @@ def multistep_step(model_output, sample, history, last_sample, coeffs, step_inde
     from . import _multistep_common as msc
 
     msc.check(model_output, sample, history, last_sample, coeffs, step_index, noise, key, thresh, clip_range)
+    model_output = _guided(model_output, uncond_output, guidance_scale, guidance_factor)
     layout = msc.working_layout(sample, history, last_sample)
     K, kept = history.shape[0], last_sample.numel() > 0
     n_rows = coeffs.shape[0]

@@ -14,6 +14,12 @@ the maths and fastdiff/ops/_layout.py for the layouts.
 Integer codes: prediction/target 0 epsilon, 1 sample, 2 v_prediction;
 variance 0 fixed_small, 1 fixed_small_log, 2 fixed_large, 3 fixed_large_log,
 4 learned, 5 learned_range. ``alphas_cumprod`` is float64; ``t`` int64 (N,).
+
+Classifier-free guidance (the last three arguments of the steps): with
+``uncond_output`` the kernels use f_n * (c + (guidance_scale - 1)(c - u)),
+c = model_output, u = uncond_output, in place of the model output, f_n =
+``guidance_factor`` (float64 (N,), guidance rescale) or 1; see
+fastdiff/reference/guidance.py and fastdiff/ops/_guidance.py.
 """
 from __future__ import annotations
 
@@ -34,11 +40,13 @@ SCHEMAS = {
     # ancestral DDPM step: (prev_sample, pred_original_sample)
     "ddpm_step": "ddpm_step(Tensor model_output, Tensor sample, Tensor t, Tensor t_prev, Tensor alphas_cumprod,"
     " Tensor? model_var, Tensor? noise, Tensor? key, Tensor? thresh, int prediction_type, int variance_type,"
-    " float clip_range) -> (Tensor, Tensor)",
+    " float clip_range"
+    ", Tensor? uncond_output=None, float guidance_scale=1.0, Tensor? guidance_factor=None) -> (Tensor, Tensor)",
     # DDIM step: (prev_sample, pred_original_sample)
     "ddim_step": "ddim_step(Tensor model_output, Tensor sample, Tensor t, Tensor t_prev, Tensor alphas_cumprod,"
     " Tensor? noise, Tensor? key, Tensor? thresh, int prediction_type, float clip_range, float eta,"
-    " float final_alpha_cumprod, bool use_clipped_model_output) -> (Tensor, Tensor)",
+    " float final_alpha_cumprod, bool use_clipped_model_output"
+    ", Tensor? uncond_output=None, float guidance_scale=1.0, Tensor? guidance_factor=None) -> (Tensor, Tensor)",
     # GroupNorm(x + add) * weight + bias, then * (1 + scale) + shift, then SiLU; returns
     # (y, mean, rstd), statistics (N, G). weight/bias (C,), add/scale/shift (N, C), all optional.
     "group_norm_act": "group_norm_act(Tensor x, Tensor? weight, Tensor? bias, Tensor? add, Tensor? scale,"
@@ -59,7 +67,8 @@ SCHEMAS = {
     # fastdiff/reference/multistep.py for the maths and fastdiff/ops/multistep.py for the contract.
     "multistep_step": "multistep_step(Tensor model_output, Tensor sample, Tensor(a!) history,"
     " Tensor(b!) last_sample, Tensor coeffs, Tensor(c!) step_index, Tensor? noise, Tensor? key, Tensor? thresh,"
-    " float clip_range, bool return_x0) -> (Tensor, Tensor)",
+    " float clip_range, bool return_x0"
+    ", Tensor? uncond_output=None, float guidance_scale=1.0, Tensor? guidance_factor=None) -> (Tensor, Tensor)",
 }
 
 # Tags: every op is a pure function of its inputs (the key makes the noise

@@ -24,6 +24,7 @@ from typing import Optional, Union
 import torch
 
 from . import _fakes  # noqa: F401  (registers fakes and autograd)
+from . import _guidance
 from ._codes import PREDICTION, VARIANCE, code
 from ._schemas import op
 from ..schedule import NoiseSchedule, loss_weight
@@ -252,7 +253,8 @@ def _threshold(model_output, sample, tt, abar, pred, ratio, max_value):
 
 
 def _step_common(model_output, t, sample, schedule, t_prev, prediction_type, clip_sample, clip_sample_range,
-                 thresholding, dynamic_thresholding_ratio, sample_max_value, noise, generator, key, want_noise):
+                 thresholding, dynamic_thresholding_ratio, sample_max_value, noise, generator, key, want_noise,
+                 guidance=(None, 1.0, None)):
     _check_data(sample, "sample")
     _check_like(model_output, sample, "model_output", "sample")
     pred = code(prediction_type, PREDICTION, "prediction_type")
@@ -272,7 +274,8 @@ def _step_common(model_output, t, sample, schedule, t_prev, prediction_type, cli
     if thresholding:
         if not 0 < dynamic_thresholding_ratio <= 1:
             raise ValueError(f"dynamic_thresholding_ratio must be in (0, 1], got {dynamic_thresholding_ratio}")
-        thresh = _threshold(model_output, sample, tt, abar, pred, dynamic_thresholding_ratio, sample_max_value)
+        mo = model_output if guidance[0] is None else _guidance.guided(model_output, *guidance).to(sample.dtype)
+        thresh = _threshold(mo, sample, tt, abar, pred, dynamic_thresholding_ratio, sample_max_value)
     k = None
     if noise is not None:
         if key is not None or generator is not None:
@@ -288,8 +291,9 @@ def ddpm_step(model_output: torch.Tensor, t: Timesteps, sample: torch.Tensor, sc
               variance_type: str = "fixed_small", clip_sample: bool = False, clip_sample_range: float = 1.0,
               thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995, sample_max_value: float = 1.0,
               noise: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
-              key: Optional[torch.Tensor] = None, model_var: Optional[torch.Tensor] = None
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+              key: Optional[torch.Tensor] = None, model_var: Optional[torch.Tensor] = None,
+              uncond_output: Optional[torch.Tensor] = None, guidance_scale: float = 1.0,
+              guidance_rescale: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """One ancestral DDPM step x_t -> x_{t_prev}, fused in one kernel launch.
 
     Args:
@@ -314,25 +318,46 @@ def ddpm_step(model_output: torch.Tensor, t: Timesteps, sample: torch.Tensor, sc
             the kernel from key (or a key drawn from generator). Samples with
             t = 0 get no noise.
         model_var: the variance values explicitly (instead of 2C channels).
+        uncond_output: the model's unconditional prediction for classifier-free
+            guidance (model_output is then the conditional one), shape, dtype
+            and device of model_output. The step kernel reads both and uses
+            uncond + guidance_scale * (model_output - uncond) in place of the
+            model output (one launch, no separate combine pass), in whatever
+            parameterisation prediction_type says (as diffusers' pipelines).
+        guidance_scale: w, a finite float (1: no guidance; uncond_output is
+            then not read unless guidance_rescale > 0).
+        guidance_rescale: phi in [0, 1], Lin et al. (2023): the guided
+            prediction is rescaled to the conditional one's per-sample std,
+            mixed by phi. This costs a reduction pre-pass over both predictions
+            (the per-sample stds); the rest stays in the fused step.
+            With learned variances and 2C channels, uncond_output has 2C
+            channels too and only its first C are used (the variance comes
+            from the conditional output).
 
     Returns:
         ``(prev_sample, pred_original_sample)``, both like sample.
     """
     vt = code(variance_type, VARIANCE, "variance_type")
+    if uncond_output is not None and isinstance(model_output, torch.Tensor):
+        _guidance.check_uncond(uncond_output, model_output)
     if vt >= 4 and model_var is None:
         if not isinstance(model_output, torch.Tensor) or model_output.dim() < 2 or sample.dim() < 2 or \
                 model_output.shape[1] != 2 * sample.shape[1]:
             raise ValueError(f"variance_type={variance_type!r} needs model_var, or model_output with twice "
                              f"sample's channels")
         model_output, model_var = model_output.split(sample.shape[1], dim=1)
+        if uncond_output is not None:
+            uncond_output = uncond_output.split(sample.shape[1], dim=1)[0]
     elif vt < 4 and model_var is not None:
         raise ValueError(f"model_var is only used with learned variance types, not {variance_type!r}")
     if model_var is not None:
         _check_like(model_var, sample, "model_var", "sample")
+    _check_data(model_output, "model_output")
+    g = _guidance.prepare(model_output, uncond_output, guidance_scale, guidance_rescale)
     pred, abar, tt, tp, clip, thresh, k = _step_common(
         model_output, t, sample, schedule, t_prev, prediction_type, clip_sample, clip_sample_range, thresholding,
-        dynamic_thresholding_ratio, sample_max_value, noise, generator, key, want_noise=True)
-    return op("ddpm_step")(model_output, sample, tt, tp, abar, model_var, noise, k, thresh, pred, vt, clip)
+        dynamic_thresholding_ratio, sample_max_value, noise, generator, key, want_noise=True, guidance=g)
+    return op("ddpm_step")(model_output, sample, tt, tp, abar, model_var, noise, k, thresh, pred, vt, clip, *g)
 
 
 def ddim_step(model_output: torch.Tensor, t: Timesteps, sample: torch.Tensor, schedule: ScheduleLike, *,
@@ -341,7 +366,8 @@ def ddim_step(model_output: torch.Tensor, t: Timesteps, sample: torch.Tensor, sc
               dynamic_thresholding_ratio: float = 0.995, sample_max_value: float = 1.0,
               final_alpha_cumprod: float = 1.0, use_clipped_model_output: bool = False,
               noise: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
-              key: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+              key: Optional[torch.Tensor] = None, uncond_output: Optional[torch.Tensor] = None,
+              guidance_scale: float = 1.0, guidance_rescale: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """One DDIM step x_t -> x_{t_prev} (Song et al. 2021), one kernel launch.
 
     prev = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma^2) eps_hat + sigma z,
@@ -353,19 +379,25 @@ def ddim_step(model_output: torch.Tensor, t: Timesteps, sample: torch.Tensor, sc
     eps from the clipped x0_hat). t_prev defaults to t - 1. Noise is drawn
     only when eta > 0.
 
+    Classifier-free guidance (``uncond_output``, ``guidance_scale``,
+    ``guidance_rescale``) as in :func:`ddpm_step`: combined inside the step
+    kernel; the rescale costs a per-sample std pre-pass.
+
     Returns ``(prev_sample, pred_original_sample)``.
     """
     if not eta >= 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
     if not 0 < final_alpha_cumprod <= 1:
         raise ValueError(f"final_alpha_cumprod must be in (0, 1], got {final_alpha_cumprod}")
+    _check_data(model_output, "model_output")
+    g = _guidance.prepare(model_output, uncond_output, guidance_scale, guidance_rescale)
     pred, abar, tt, tp, clip, thresh, k = _step_common(
         model_output, t, sample, schedule, t_prev, prediction_type, clip_sample, clip_sample_range, thresholding,
         dynamic_thresholding_ratio, sample_max_value, noise if eta > 0 else None, generator, key,
-        want_noise=eta > 0)
+        want_noise=eta > 0, guidance=g)
     nz = noise if eta > 0 else None
     return op("ddim_step")(model_output, sample, tt, tp, abar, nz, k, thresh, pred, clip, float(eta),
-                           float(final_alpha_cumprod), bool(use_clipped_model_output))
+                           float(final_alpha_cumprod), bool(use_clipped_model_output), *g)
 
 
 __all__ = ["q_sample", "get_velocity", "diffusion_loss", "ddpm_step", "ddim_step", "draw_key"]

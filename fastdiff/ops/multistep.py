@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from . import _backend, _fakes  # noqa: F401  (fakes registered)
+from . import _guidance
 from . import _multistep_common as msc
 from ._schemas import op
 from ..reference.multistep import COL, COLUMNS, MAX_HISTORY, NCOEF
@@ -34,7 +35,8 @@ def multistep_step(model_output: torch.Tensor, sample: torch.Tensor, history: to
                    last_sample: torch.Tensor, coeffs: torch.Tensor, step_index: torch.Tensor, *,
                    noise: Optional[torch.Tensor] = None, key: Optional[torch.Tensor] = None,
                    thresh: Optional[torch.Tensor] = None, clip_range: float = 0.0,
-                   return_x0: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                   return_x0: bool = False, uncond_output: Optional[torch.Tensor] = None,
+                   guidance_scale: float = 1.0, guidance_rescale: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """One multistep-sampler step, fused into one kernel; row ``i = step_index``
     of ``coeffs`` says what to compute, and ``step_index`` is then incremented.
 
@@ -81,6 +83,18 @@ def multistep_step(model_output: torch.Tensor, sample: torch.Tensor, history: to
             :func:`multistep_threshold`); takes precedence over clip_range.
         clip_range: > 0 clamps x0 to [-clip_range, clip_range].
         return_x0: also return x0 (after threshold/clip), else an empty tensor.
+        uncond_output: the unconditional prediction for classifier-free
+            guidance (model_output is the conditional one), model_output's
+            shape, dtype and device: the kernel reads both and uses
+            uncond + guidance_scale * (model_output - uncond) wherever the
+            row reads model_output (no separate combine pass).
+        guidance_scale: w, finite (1: no guidance, uncond_output not read
+            unless guidance_rescale > 0).
+        guidance_rescale: phi in [0, 1] (Lin et al. 2023), rescale of the
+            guided prediction to the conditional one's per-sample std; costs a
+            reduction pre-pass (the stds). With dynamic thresholding, compute
+            ``thresh`` from the guided prediction
+            (:func:`multistep_threshold` takes the same three arguments).
 
     Returns:
         ``(prev_sample, x0)``: new tensors with sample's shape and dtype.
@@ -98,6 +112,7 @@ def multistep_step(model_output: torch.Tensor, sample: torch.Tensor, history: to
     history/last_sample untouched and still advances step_index.
     """
     msc.check(model_output, sample, history, last_sample, coeffs, step_index, noise, key, thresh, clip_range)
+    g = _guidance.prepare(model_output, uncond_output, guidance_scale, guidance_rescale)
     if _host_checkable(coeffs):
         bad = ~torch.isfinite(coeffs)
         if bool(bad.any()):
@@ -110,11 +125,13 @@ def multistep_step(model_output: torch.Tensor, sample: torch.Tensor, history: to
     if thresh is not None and _host_checkable(thresh) and thresh.numel() and not bool((thresh > 0).all()):
         raise ValueError("thresh must be > 0 for every sample")
     return op("multistep_step")(model_output, sample, history, last_sample, coeffs, step_index, noise, key, thresh,
-                                float(clip_range), bool(return_x0))
+                                float(clip_range), bool(return_x0), *g)
 
 
 def multistep_threshold(model_output: torch.Tensor, sample: torch.Tensor, coeffs: torch.Tensor,
-                        step_index: torch.Tensor, ratio: float = 0.995, max_value: float = 1.0) -> torch.Tensor:
+                        step_index: torch.Tensor, ratio: float = 0.995, max_value: float = 1.0, *,
+                        uncond_output: Optional[torch.Tensor] = None, guidance_scale: float = 1.0,
+                        guidance_rescale: float = 0.0) -> torch.Tensor:
     """The per-sample dynamic-thresholding bound ``thresh`` for the step at
     ``step_index`` (Imagen; diffusers' ``_threshold_sample``): the ``ratio``
     quantile of |x0| over each sample, clamped to [1, max_value], where
@@ -124,7 +141,8 @@ def multistep_threshold(model_output: torch.Tensor, sample: torch.Tensor, coeffs
     host), so it is capturable like the step itself; it is an extra pass over
     the data because the quantile needs a whole sample's x0 first. Returns a
     float32 (N,) tensor. Call it before :func:`multistep_step` (which
-    increments step_index).
+    increments step_index). With guidance arguments, x0 is computed from the
+    guided prediction (as the step will).
     """
     msc.check(model_output, sample, sample.new_zeros((0,) + tuple(sample.shape)), sample.new_empty(0), coeffs,
               step_index, None, None, None, 0.0)
@@ -132,9 +150,10 @@ def multistep_threshold(model_output: torch.Tensor, sample: torch.Tensor, coeffs
         raise ValueError(f"ratio must be in (0, 1], got {ratio}")
     if not max_value >= 1:
         raise ValueError(f"max_value must be >= 1, got {max_value}")
+    u, w, f = _guidance.prepare(model_output, uncond_output, guidance_scale, guidance_rescale)
     acc = torch.float64 if sample.dtype == torch.float64 else torch.float32
     row = coeffs.index_select(0, step_index.reshape(1).clamp(0, coeffs.shape[0] - 1))[0].to(acc)
-    x0 = row[COL["c_x"]] * sample.to(acc) + row[COL["c_m"]] * model_output.to(acc)
+    x0 = row[COL["c_x"]] * sample.to(acc) + row[COL["c_m"]] * _guidance.guided(model_output, u, w, f).to(acc)
     flat = x0.reshape(x0.shape[0], -1).abs().float()
     return torch.quantile(flat, ratio, dim=1).clamp(min=1.0, max=max_value).contiguous()
 

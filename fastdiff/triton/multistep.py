@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from . import _common as C
+from ..ops._guidance import check_op_args
 from ._philox import normal4
 from ..ops import _multistep_common as msc
 
@@ -52,11 +53,12 @@ def _finite(v):
     return (v == v) & (v != float("inf")) & (v != float("-inf"))
 
 
-@triton.jit(do_not_specialize=["clip_bits", "hstride"])
+@triton.jit(do_not_specialize=["clip_bits", "hstride", "gw_bits"])
 def _multistep_kernel(mo_ptr, x_ptr, hist_ptr, last_ptr, coef_ptr, idx_ptr, noise_ptr, key_ptr, thresh_ptr,
-                      prev_ptr, x0_ptr, M, chunks, n_rows, hstride, clip_bits,
+                      prev_ptr, x0_ptr, u_ptr, gf_ptr, M, chunks, n_rows, hstride, clip_bits, gw_bits,
                       K: tl.constexpr, KEPT: tl.constexpr, NOISE: tl.constexpr, HAS_THRESH: tl.constexpr,
-                      CLIP: tl.constexpr, RET_X0: tl.constexpr, ACC: tl.constexpr,
+                      CLIP: tl.constexpr, RET_X0: tl.constexpr, GUIDED: tl.constexpr, HAS_GF: tl.constexpr,
+                      ACC: tl.constexpr,
                       BLOCK: tl.constexpr, ALIGNED: tl.constexpr, I64: tl.constexpr):
     n, start, offs, mask = C.tile_of(tl.program_id(0), chunks, M, BLOCK, ALIGNED, I64)
     i = tl.load(idx_ptr)
@@ -98,13 +100,22 @@ def _multistep_kernel(mo_ptr, x_ptr, hist_ptr, last_ptr, coef_ptr, idx_ptr, nois
     else:
         s = clip  # unused
 
-    # x0 = c_x * sample + c_m * model_output, then threshold / clip
+    # the model output (read once); with classifier-free guidance f * (c + (w - 1)(c - u))
     zero = tl.zeros([BLOCK], dtype=ACC)
+    mo = zero
+    if (c_m != 0.0) | (a_m != 0.0):
+        mo = tl.load(mo_ptr + offs, mask=mask, other=0.0).to(ACC)
+        if GUIDED:
+            u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(ACC)
+            mo = mo + C.f64_from_bits(gw_bits).to(ACC) * (mo - u)
+            if HAS_GF:
+                mo = mo * tl.load(gf_ptr + n).to(ACC)
+    # x0 = c_x * sample + c_m * model_output, then threshold / clip
     x0 = zero
     if c_x != 0.0:
         x0 = x0 + c_x.to(ACC) * tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
     if c_m != 0.0:
-        x0 = x0 + c_m.to(ACC) * tl.load(mo_ptr + offs, mask=mask, other=0.0).to(ACC)
+        x0 = x0 + c_m.to(ACC) * mo
     x0 = C.clip_x0(x0, clip, s, HAS_THRESH, CLIP)
     # H[j] = history[(i - j) mod K]
     h1 = hist_ptr
@@ -144,7 +155,7 @@ def _multistep_kernel(mo_ptr, x_ptr, hist_ptr, last_ptr, coef_ptr, idx_ptr, nois
     if a_x != 0.0:
         r = r + a_x.to(ACC) * xc
     if a_m != 0.0:
-        r = r + a_m.to(ACC) * tl.load(mo_ptr + offs, mask=mask, other=0.0).to(ACC)
+        r = r + a_m.to(ACC) * mo
     if a_x0 != 0.0:
         r = r + a_x0.to(ACC) * x0
     if K >= 1:
@@ -185,7 +196,7 @@ def _guard(device: torch.device):
 
 
 def multistep_step(model_output, sample, history, last_sample, coeffs, step_index, noise, key, thresh, clip_range,
-                   return_x0):
+                   return_x0, uncond_output=None, guidance_scale=1.0, guidance_factor=None):
     """Schema ``multistep_step(model_output, sample, history!, last_sample!, coeffs, step_index!, noise?, key?,
     thresh?, clip_range, return_x0) -> (prev_sample, x0 or empty)``."""
     msc.check(model_output, sample, history, last_sample, coeffs, step_index, noise, key, thresh, clip_range,
@@ -193,6 +204,9 @@ def multistep_step(model_output, sample, history, last_sample, coeffs, step_inde
     layout = msc.working_layout(sample, history, last_sample)
     x = msc.in_layout(sample, layout)
     mo = msc.in_layout(model_output, layout)
+    check_op_args(model_output, uncond_output, guidance_scale, guidance_factor)
+    u = msc.in_layout(uncond_output, layout) if uncond_output is not None else None
+    gf = guidance_factor.contiguous() if (u is not None and guidance_factor is not None) else None
     nz = msc.in_layout(noise, layout) if noise is not None else None
     K, kept = history.shape[0], last_sample.numel() > 0
     prev = msc.empty_working(layout, sample.dtype)
@@ -208,8 +222,11 @@ def multistep_step(model_output, sample, history, last_sample, coeffs, step_inde
                 mo, x, history if K > 0 else x, last_sample if kept else x, cf, step_index,
                 nz if nz is not None else x, key if key is not None else step_index,
                 thresh if thresh is not None else cf, prev, x0 if return_x0 else prev,
+                u if u is not None else x, gf if gf is not None else cf,
                 tiling.M, tiling.chunks, cf.size(0), history.stride(0) if K > 0 else 0, C.f64_bits(clip_range),
+                C.f64_bits(float(guidance_scale) - 1.0),
                 K=K, KEPT=kept, NOISE=mode, HAS_THRESH=thresh is not None, CLIP=float(clip_range) > 0.0,
-                RET_X0=bool(return_x0), ACC=C.acc_dtype(x.dtype), **meta)
+                RET_X0=bool(return_x0), GUIDED=u is not None, HAS_GF=gf is not None, ACC=C.acc_dtype(x.dtype),
+                **meta)
         _advance_kernel[(1,)](step_index)
     return prev, x0

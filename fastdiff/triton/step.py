@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from . import _common as C
+from ..ops._guidance import check_op_args
 from ..ops._layout import canonical, match_layout, per_sample
 from ._philox import tile_normals
 
@@ -42,11 +43,25 @@ def _noise_tile(noise_ptr, key_ptr, start, offs, mask, NOISE: tl.constexpr, BLOC
     return z
 
 
-@triton.jit(do_not_specialize=["chunks", "T", "clip_bits"])
+@triton.jit
+def _load_output(mo_ptr, u_ptr, gf_ptr, n, offs, mask, gw, GUIDED: tl.constexpr, HAS_GF: tl.constexpr,
+                 ACC: tl.constexpr):
+    """The model output the step uses: with classifier-free guidance
+    f * (c + (w - 1)(c - u)), both predictions read in this launch."""
+    mo = tl.load(mo_ptr + offs, mask=mask, other=0.0).to(ACC)
+    if GUIDED:
+        u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(ACC)
+        mo = mo + gw.to(ACC) * (mo - u)
+        if HAS_GF:
+            mo = mo * tl.load(gf_ptr + n).to(ACC)
+    return mo
+
+
+@triton.jit(do_not_specialize=["chunks", "T", "clip_bits", "gw_bits"])
 def _ddpm_kernel(mo_ptr, x_ptr, var_ptr, noise_ptr, key_ptr, thresh_ptr, t_ptr, tp_ptr, abar_ptr,
-                 prev_ptr, x0_ptr, M, chunks, T, clip_bits,
+                 prev_ptr, x0_ptr, u_ptr, gf_ptr, M, chunks, T, clip_bits, gw_bits,
                  PRED: tl.constexpr, VAR: tl.constexpr, NOISE: tl.constexpr, HAS_THRESH: tl.constexpr,
-                 CLIP: tl.constexpr, ACC: tl.constexpr,
+                 CLIP: tl.constexpr, GUIDED: tl.constexpr, HAS_GF: tl.constexpr, ACC: tl.constexpr,
                  BLOCK: tl.constexpr, ALIGNED: tl.constexpr, I64: tl.constexpr):
     n, start, offs, mask = C.tile_of(tl.program_id(0), chunks, M, BLOCK, ALIGNED, I64)
     t, valid, ab_t, ab_p = _load_pair(t_ptr, tp_ptr, abar_ptr, n, T, 1.0)
@@ -64,7 +79,7 @@ def _ddpm_kernel(mo_ptr, x_ptr, var_ptr, noise_ptr, key_ptr, thresh_ptr, t_ptr, 
     else:
         s = clip  # unused
 
-    mo = tl.load(mo_ptr + offs, mask=mask, other=0.0).to(ACC)
+    mo = _load_output(mo_ptr, u_ptr, gf_ptr, n, offs, mask, C.f64_from_bits(gw_bits), GUIDED, HAS_GF, ACC)
     xv = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
     x0 = C.clip_x0(C.predict_x0(mo, xv, sab, s1m, PRED), clip, s, HAS_THRESH, CLIP)
     r = cx0 * x0 + cxt * xv
@@ -89,11 +104,11 @@ def _ddpm_kernel(mo_ptr, x_ptr, var_ptr, noise_ptr, key_ptr, thresh_ptr, t_ptr, 
     tl.store(x0_ptr + offs, tl.where(valid, x0, nan).to(x0_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=["chunks", "T", "clip_bits", "eta_bits", "final_bits"])
+@triton.jit(do_not_specialize=["chunks", "T", "clip_bits", "eta_bits", "final_bits", "gw_bits"])
 def _ddim_kernel(mo_ptr, x_ptr, noise_ptr, key_ptr, thresh_ptr, t_ptr, tp_ptr, abar_ptr,
-                 prev_ptr, x0_ptr, M, chunks, T, clip_bits, eta_bits, final_bits,
+                 prev_ptr, x0_ptr, u_ptr, gf_ptr, M, chunks, T, clip_bits, eta_bits, final_bits, gw_bits,
                  PRED: tl.constexpr, NOISE: tl.constexpr, HAS_THRESH: tl.constexpr, CLIP: tl.constexpr,
-                 USE_CLIPPED: tl.constexpr, ACC: tl.constexpr,
+                 USE_CLIPPED: tl.constexpr, GUIDED: tl.constexpr, HAS_GF: tl.constexpr, ACC: tl.constexpr,
                  BLOCK: tl.constexpr, ALIGNED: tl.constexpr, I64: tl.constexpr):
     n, start, offs, mask = C.tile_of(tl.program_id(0), chunks, M, BLOCK, ALIGNED, I64)
     eta = C.f64_from_bits(eta_bits)
@@ -114,7 +129,7 @@ def _ddim_kernel(mo_ptr, x_ptr, noise_ptr, key_ptr, thresh_ptr, t_ptr, tp_ptr, a
     else:
         s = clip  # unused
 
-    mo = tl.load(mo_ptr + offs, mask=mask, other=0.0).to(ACC)
+    mo = _load_output(mo_ptr, u_ptr, gf_ptr, n, offs, mask, C.f64_from_bits(gw_bits), GUIDED, HAS_GF, ACC)
     xv = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
     x0 = C.clip_x0(C.predict_x0(mo, xv, sab, s1m, PRED), clip, s, HAS_THRESH, CLIP)
     if USE_CLIPPED:
@@ -162,13 +177,22 @@ def _prepare(model_output, sample, t, t_prev, abar, model_var, noise, key, thres
     return x, mo, model_var, noise, key, thresh, pred
 
 
+def _prepare_guidance(model_output, x, uncond_output, guidance_scale, guidance_factor):
+    """host.h check_guidance: uncond in the sample's layout, factor contiguous."""
+    check_op_args(model_output, uncond_output, guidance_scale, guidance_factor)
+    if uncond_output is None:
+        return None, None
+    u = match_layout(uncond_output, x)
+    return u, (guidance_factor.contiguous() if guidance_factor is not None else None)
+
+
 def _noise_mode(noise, key):
     return _NOISE_KEY if key is not None else (_NOISE_TENSOR if noise is not None else _NO_NOISE)
 
 
 @C.on_tensor_device
 def ddpm_step(model_output, sample, t, t_prev, alphas_cumprod, model_var, noise, key, thresh, prediction_type,
-              variance_type, clip_range):
+              variance_type, clip_range, uncond_output=None, guidance_scale=1.0, guidance_factor=None):
     """Schema ``ddpm_step(model_output, sample, t, t_prev, alphas_cumprod, model_var?, noise?, key?, thresh?,
     prediction_type, variance_type, clip_range) -> (prev_sample, pred_original_sample)``."""
     var_type = int(variance_type)
@@ -178,6 +202,7 @@ def ddpm_step(model_output, sample, t, t_prev, alphas_cumprod, model_var, noise,
         raise RuntimeError("fastdiff: learned variance types need model_var")
     x, mo, mv, noise, key, thresh, pred = _prepare(model_output, sample, t, t_prev, alphas_cumprod, model_var,
                                                    noise, key, thresh, prediction_type)
+    u, gf = _prepare_guidance(model_output, x, uncond_output, guidance_scale, guidance_factor)
     prev, x0 = torch.empty_like(x), torch.empty_like(x)
     if x.numel() == 0:
         return prev, x0
@@ -186,15 +211,18 @@ def ddpm_step(model_output, sample, t, t_prev, alphas_cumprod, model_var, noise,
     _ddpm_kernel[tiling.grid](
         mo, x, mv if mv is not None else x, noise if noise is not None else x, key if key is not None else t,
         thresh if thresh is not None else t, t.contiguous(), t_prev.contiguous(), alphas_cumprod.contiguous(),
-        prev, x0, tiling.M, tiling.chunks, alphas_cumprod.size(0), C.f64_bits(clip_range),
+        prev, x0, u if u is not None else x, gf if gf is not None else t,
+        tiling.M, tiling.chunks, alphas_cumprod.size(0), C.f64_bits(clip_range),
+        C.f64_bits(float(guidance_scale) - 1.0),
         PRED=pred, VAR=var_type, NOISE=mode, HAS_THRESH=thresh is not None, CLIP=float(clip_range) > 0.0,
-        ACC=C.acc_dtype(x.dtype), **tiling.meta)
+        GUIDED=u is not None, HAS_GF=gf is not None, ACC=C.acc_dtype(x.dtype), **tiling.meta)
     return prev, x0
 
 
 @C.on_tensor_device
 def ddim_step(model_output, sample, t, t_prev, alphas_cumprod, noise, key, thresh, prediction_type, clip_range,
-              eta, final_alpha_cumprod, use_clipped_model_output):
+              eta, final_alpha_cumprod, use_clipped_model_output, uncond_output=None, guidance_scale=1.0,
+              guidance_factor=None):
     """Schema ``ddim_step(model_output, sample, t, t_prev, alphas_cumprod, noise?, key?, thresh?,
     prediction_type, clip_range, eta, final_alpha_cumprod, use_clipped_model_output)
     -> (prev_sample, pred_original_sample)``."""
@@ -203,6 +231,7 @@ def ddim_step(model_output, sample, t, t_prev, alphas_cumprod, noise, key, thres
         raise RuntimeError(f"fastdiff: eta must be >= 0, got {eta}")
     x, mo, _, noise, key, thresh, pred = _prepare(model_output, sample, t, t_prev, alphas_cumprod, None, noise,
                                                   key, thresh, prediction_type)
+    u, gf = _prepare_guidance(model_output, x, uncond_output, guidance_scale, guidance_factor)
     prev, x0 = torch.empty_like(x), torch.empty_like(x)
     if x.numel() == 0:
         return prev, x0
@@ -211,8 +240,10 @@ def ddim_step(model_output, sample, t, t_prev, alphas_cumprod, noise, key, thres
     _ddim_kernel[tiling.grid](
         mo, x, noise if noise is not None else x, key if key is not None else t,
         thresh if thresh is not None else t, t.contiguous(), t_prev.contiguous(), alphas_cumprod.contiguous(),
-        prev, x0, tiling.M, tiling.chunks, alphas_cumprod.size(0),
-        C.f64_bits(clip_range), C.f64_bits(eta), C.f64_bits(final_alpha_cumprod),
+        prev, x0, u if u is not None else x, gf if gf is not None else t, tiling.M, tiling.chunks,
+        alphas_cumprod.size(0), C.f64_bits(clip_range), C.f64_bits(eta), C.f64_bits(final_alpha_cumprod),
+        C.f64_bits(float(guidance_scale) - 1.0),
         PRED=pred, NOISE=mode, HAS_THRESH=thresh is not None, CLIP=float(clip_range) > 0.0,
-        USE_CLIPPED=bool(use_clipped_model_output), ACC=C.acc_dtype(x.dtype), **tiling.meta)
+        USE_CLIPPED=bool(use_clipped_model_output), GUIDED=u is not None, HAS_GF=gf is not None,
+        ACC=C.acc_dtype(x.dtype), **tiling.meta)
     return prev, x0
