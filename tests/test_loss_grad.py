@@ -297,3 +297,20 @@ def test_compile_recompute_path():
     out.grad = None
     fastdiff.diffusion_loss(out, x0, torch.tensor([3, 4]), SCHED, key=KEY).backward()
     torch.testing.assert_close(want, out.grad)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_gpu_default_recomputes_key_path():
+    x0 = torch.randn(4, 3, 16, 16, device="cuda")
+    out = torch.randn(4, 3, 16, 16, device="cuda", requires_grad=True)
+    key = KEY.cuda()
+    loss = fastdiff.diffusion_loss(out, x0, torch.tensor([1, 2, 3, 999], device="cuda"), SCHED.to("cuda"), key=key)
+    with OpCounter() as c:
+        loss.backward()
+    assert c.count("diffusion_loss_backward") == 1
+    want = out.grad.clone()
+    out.grad = None
+    fastdiff.diffusion_loss(out, x0, torch.tensor([1, 2, 3, 999], device="cuda"), SCHED.to("cuda"), key=key,
+                            store_grad=True).backward()
+    torch.testing.assert_close(out.grad, want, rtol=1e-6, atol=0)
