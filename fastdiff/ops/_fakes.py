@@ -91,17 +91,16 @@ def _q_rng_backward(ctx, grad, grad_noise):
 
 
 def _loss_setup(ctx, inputs, output):
-    model_output, x0, t, alphas_cumprod, noise, key, weight, target, need_grad = inputs
+    # inputs: model_output, x0, t, alphas_cumprod, noise, key, weight, target, need_grad
     # the gradient output is rarely differentiated: no zeros tensor materialised for it in the backward
     ctx.set_materialize_grads(False)
-    ctx.stored = bool(need_grad)
-    ctx.target = target
-    ctx.m = x0[0].numel() if x0.shape[0] else 0
-    ctx.T = alphas_cumprod.shape[0]
+    ctx.stored = bool(inputs[8])
     if ctx.stored:  # the forward wrote d(sum_n loss_n)/d model_output: the backward is one multiply
-        ctx.save_for_backward(output[1], weight, t)
+        ctx.save_for_backward(output[1])
+        ctx.dd = (inputs[6], inputs[2], inputs[3].shape[0])  # weight, t, T: for a double backward only
     else:  # recompute in the backward (diffusion_loss_backward), from the key when there is one
-        ctx.save_for_backward(model_output, x0, t, alphas_cumprod, noise, key, weight)
+        ctx.target = inputs[7]
+        ctx.save_for_backward(*inputs[:7])
 
 
 def _loss_backward(ctx, grad_per_sample, grad_grad):
@@ -110,24 +109,25 @@ def _loss_backward(ctx, grad_per_sample, grad_grad):
     something differentiated the gradient output itself (double backward through the stored path):
     g = 2 w_n / M (out - target), so it contributes 2 w_n / M * grad_grad."""
     gm = None
-    if grad_per_sample is not None:
-        if ctx.stored:
-            g, weight, t = ctx.saved_tensors
-            gm = g * grad_per_sample.to(g.dtype).reshape((-1,) + (1,) * (g.dim() - 1))
-        else:
-            model_output, x0, t, abar, noise, key, weight = ctx.saved_tensors
-            if torch.is_grad_enabled() and (model_output.requires_grad or grad_per_sample.requires_grad):
-                raise RuntimeError(
-                    "fastdiff.diffusion_loss: double backward (create_graph=True) needs the stored gradient; "
-                    "call fastdiff.diffusion_loss(..., store_grad=True)")
-            gm = torch.ops.fastdiff.diffusion_loss_backward.default(
-                grad_per_sample, model_output, x0, t, abar, noise, key, weight, ctx.target)
-    if ctx.stored and grad_grad is not None and grad_grad.numel():
-        g, weight, t = ctx.saved_tensors
-        valid = (t >= 0) & (t < ctx.T)
-        c = torch.where(valid, weight.to(torch.float64) * (2.0 / max(ctx.m, 1)), float("nan"))
-        gg = grad_grad * c.to(grad_grad.dtype).reshape((-1,) + (1,) * (grad_grad.dim() - 1))
-        gm = gg if gm is None else gm + gg
+    if ctx.stored:
+        (g,) = ctx.saved_tensors
+        if grad_per_sample is not None:
+            gs = grad_per_sample if grad_per_sample.dtype == g.dtype else grad_per_sample.to(g.dtype)
+            gm = g * gs.view((-1,) + (1,) * (g.dim() - 1))
+        if grad_grad is not None and grad_grad.numel():
+            weight, t, T = ctx.dd
+            m = g.numel() // g.shape[0]
+            c = torch.where((t >= 0) & (t < T), weight.to(torch.float64) * (2.0 / m), float("nan"))
+            gg = grad_grad * c.to(grad_grad.dtype).view((-1,) + (1,) * (grad_grad.dim() - 1))
+            gm = gg if gm is None else gm + gg
+    elif grad_per_sample is not None:
+        model_output, x0, t, abar, noise, key, weight = ctx.saved_tensors
+        if torch.is_grad_enabled() and (model_output.requires_grad or grad_per_sample.requires_grad):
+            raise RuntimeError(
+                "fastdiff.diffusion_loss: double backward (create_graph=True) needs the stored gradient; "
+                "call fastdiff.diffusion_loss(..., store_grad=True)")
+        gm = torch.ops.fastdiff.diffusion_loss_backward.default(
+            grad_per_sample, model_output, x0, t, abar, noise, key, weight, ctx.target)
     return gm, None, None, None, None, None, None, None, None
 
 
