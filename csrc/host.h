@@ -102,6 +102,23 @@ FD_DECLARE(cpu)
 FD_DECLARE(cuda)
 #undef FD_DECLARE
 
+// The recomputing backward of diffusion_loss (stored-gradient path: a multiply
+// in Python, no op). grad_loss: the incoming gradient of the per-sample loss.
+inline void check_loss_grad(const at::Tensor& g, const at::Tensor& x) {
+  TORCH_CHECK(g.dim() == 1 && g.size(0) == x.size(0) && at::isFloatingType(g.scalar_type()),
+              "fastdiff: grad_loss must be a floating tensor of shape (", x.size(0), ",), got ", g.scalar_type(),
+              " ", g.sizes());
+  TORCH_CHECK(g.device() == x.device(), "fastdiff: grad_loss must be on ", x.device(), ", got ", g.device());
+}
+at::Tensor diffusion_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& model_output,
+                                       const at::Tensor& x0, const at::Tensor& t, const at::Tensor& abar,
+                                       const c10::optional<at::Tensor>& noise, const c10::optional<at::Tensor>& key,
+                                       const at::Tensor& weight, int64_t target);
+at::Tensor diffusion_loss_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& model_output,
+                                        const at::Tensor& x0, const at::Tensor& t, const at::Tensor& abar,
+                                        const c10::optional<at::Tensor>& noise, const c10::optional<at::Tensor>& key,
+                                        const at::Tensor& weight, int64_t target);
+
 // Validation + canonicalisation common to both devices. Each returns the
 // tensors the kernel will read, already in the primary tensor's layout.
 struct StepArgs {

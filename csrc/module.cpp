@@ -45,6 +45,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q_sample_cuda", &fastdiff::q_sample_cuda);
   m.def("q_sample_rng_cuda", &fastdiff::q_sample_rng_cuda);
   m.def("diffusion_loss_cuda", &fastdiff::diffusion_loss_cuda);
+  m.def("diffusion_loss_backward_cuda", &fastdiff::diffusion_loss_backward_cuda);
   m.def("ddpm_step_cuda", &fastdiff::ddpm_step_cuda);
   m.def("ddim_step_cuda", &fastdiff::ddim_step_cuda);
   m.def("group_norm_act_cuda", &fastdiff::group_norm_act_cuda);

@@ -94,7 +94,7 @@ def test_bench_quick_json(tmp_path):
         assert k in rows[0], k
     ops = {r["op"] for r in rows}
     elementwise = {"q_sample_rng", "q_sample", "diffusion_loss", "ddpm_step", "ddim_step", "guided_step",
-                   "multistep_step", "sampler_loop"}
+                   "multistep_step", "sampler_loop", "train_chain"}
     assert ops == elementwise | {"group_norm_act", "attention", "unet_step"}
     assert "== group_norm_act" in r.stdout and "== attention" in r.stdout and "== unet_step" in r.stdout
     for op in ops - {"attention"}:  # fused attention has no CPU kernel (SDPA): its rows carry a note, no time

@@ -1,6 +1,6 @@
 """The C++ CPU kernels on both of their instruction sets.
 
-The noise generator, the float32 step body and the GroupNorm kernels are
+The noise generator, the float32 step and loss bodies and the GroupNorm kernels are
 compiled for the x86-64 baseline and for AVX2 (+FMA for GroupNorm), and the
 AVX2 build is chosen at load time when the CPU has it (csrc/cpu/isa.h). CI
 machines have AVX2, so the baseline build (what a CPU without AVX2 runs)
@@ -46,6 +46,12 @@ for shape in [(3, 5, 7, 9), (2, 3, 64, 65)]:  # odd per-sample sizes, several 25
     p2 = fastdiff.ddim_step(out, t, x0, s, t_prev=tp, eta=0.7, key=key, prediction_type="v_prediction")
     p3 = fastdiff.ddpm_step(out, t, x0, s, t_prev=tp, noise=nz, clip_sample=True, prediction_type="sample")
     res[shape] = dict(x0=x0, t=t, out=out, xt=xt, nz=nz, ddpm=p1, ddim=p2, ddpm_clip=p3)
+    for tgt in ("epsilon", "sample", "v_prediction"):  # the loss: stored and recomputed gradients
+        for store in (True, False):
+            o = out.clone().requires_grad_(True)
+            per = fastdiff.diffusion_loss(o, x0, t, s, key=key, target=tgt, reduction="none", store_grad=store)
+            per.backward(torch.linspace(0.5, 2.0, shape[0]))
+            res[shape][f"loss_{tgt}_{store}"] = (per.detach(), o.grad)
 for dt in (torch.float32, torch.bfloat16):
     for cl in (False, True):
         x = torch.randn(3, 32, 9, 7, generator=g).to(dt) * 3 + 2
@@ -113,6 +119,14 @@ def test_elementwise_kernels_match_reference(runs, isa):
         want = ref.ddpm_step(out.double(), x0.double(), t, t - 1, abar, r["nz"].double(), prediction_type="sample",
                              clip_range=1.0)
         _close(r["ddpm_clip"][0], want[0], 2e-5, f"{isa} ddpm clip prev {shape}")
+        gl = torch.linspace(0.5, 2.0, shape[0], dtype=torch.float64)
+        for tgt in ("epsilon", "sample", "v_prediction"):
+            per64, _ = ref.diffusion_loss(out.double(), x0.double(), t, abar, z64, torch.ones(shape[0]), tgt)
+            _, g64 = ref.diffusion_loss(out.double(), x0.double(), t, abar, z64, gl, tgt)
+            for store in (True, False):
+                per, grad = r[f"loss_{tgt}_{store}"]
+                _close(per, per64, 2e-6, f"{isa} loss {tgt} {shape}")
+                _close(grad, g64, 2e-6, f"{isa} loss grad {tgt} store={store} {shape}")
 
 
 @pytest.mark.parametrize("isa", ["default", "baseline"])

@@ -135,6 +135,13 @@ def test_fused_ops_each_backend(backend, dtype):
     # the gradient 2 (out - noise) / M, compared at the scale of out - noise
     _check(grad.double() * (M / 2), diff, dtype, "loss grad",
            None if dtype == torch.float32 else (2 * (out - nz) / M).double() * (M / 2), 2e-6)
+    # the recomputing backward (key-driven default on a GPU): grad_loss * the same gradient, from the key
+    gl = torch.linspace(0.5, 2.0, N, device=DEV)
+    gk = _kernel("diffusion_loss_backward", backend)(gl, out, x0, t, ab, None, key, w, 0)
+    _, gs = _kernel("diffusion_loss", backend)(out, x0, t, ab, None, key, w, 0, True)
+    _check(gk.double() * (M / 2), (gs.double() * gl.double().reshape(-1, 1, 1, 1)) * (M / 2), dtype,
+           "loss backward (key)", None if dtype == torch.float32 else (gs.double() * gl.double().reshape(
+               -1, 1, 1, 1)).to(dtype).double() * (M / 2), 2e-6)
     prev, x0h = _kernel("ddpm_step", backend)(out, x0, t, tp, ab, None, nz, None, None, 0, 0, 0.0)
     rp, rx = ref.ddpm_step(o64, x64, t, tp, ab, n64)
     _check(prev, rp, dtype, "ddpm_step", low(rp))

@@ -39,7 +39,8 @@ if os.environ.get("FASTDIFF_BENCH_MALLOC_REUSE", "1") == "1":
 CASES = {
     "q_sample_rng": (["no noise out", "noise out"], ["diffusers", "eager"]),
     "q_sample": ([""], ["diffusers", "eager"]),
-    "diffusion_loss": (["key", "noise"], ["eager"]),
+    "diffusion_loss": (["key", "key, recompute", "noise"], ["eager"]),
+    "train_chain": ([""], ["diffusers", "eager"]),
     "ddpm_step": ([""], ["diffusers", "eager"]),
     "ddim_step": ([""], ["diffusers", "eager"]),
 }

@@ -113,75 +113,7 @@ std::tuple<at::Tensor, at::Tensor> q_sample_rng_cpu(const at::Tensor& x0, const 
   return q_sample_impl(x0, t, abar, nullptr, &key, return_noise);
 }
 
-// ------------------------------------------------------- diffusion_loss ---
-std::tuple<at::Tensor, at::Tensor> diffusion_loss_cpu(const at::Tensor& model_output, const at::Tensor& x0_in,
-                                                      const at::Tensor& t, const at::Tensor& abar,
-                                                      const c10::optional<at::Tensor>& noise_in,
-                                                      const c10::optional<at::Tensor>& key,
-                                                      const at::Tensor& weight, int64_t target, bool need_grad) {
-  check_common(x0_in, "x0", t, abar);
-  check_same_like(model_output, x0_in, "model_output", "x0");
-  check_per_sample_f32(weight, x0_in, "weight");
-  TORCH_CHECK(noise_in.has_value() != key.has_value(), "fastdiff: diffusion_loss needs exactly one of noise, key");
-  TORCH_CHECK(target >= 0 && target <= 2, "fastdiff: target code must be 0, 1 or 2, got ", target);
-  const at::Tensor x0 = canonical(x0_in);
-  const at::Tensor out = match_layout(model_output, x0);
-  at::Tensor noise;
-  if (noise_in) {
-    check_same_like(*noise_in, x0_in, "noise", "x0");
-    noise = match_layout(*noise_in, x0);
-  }
-  if (key) check_key(*key, x0_in);
-  const int64_t N = x0.size(0), M = per_sample(x0), T = abar.size(0);
-  at::Tensor grad = need_grad ? at::empty_like(x0) : at::empty({0}, x0.options());
-  const int64_t per = M == 0 ? 0 : (M + kChunk - 1) / kChunk;
-  std::vector<double> partial(static_cast<size_t>(N * per), 0.0);
-  const at::Tensor tc = t.contiguous(), ac = abar.contiguous(), wc = weight.contiguous();
-  const int64_t* tp = tc.data_ptr<int64_t>();
-  const double* ap = ac.data_ptr<double>();
-  const float* wp = wc.data_ptr<float>();
-  const PhiloxKey k = key ? read_key(key->contiguous()) : PhiloxKey{};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x0.scalar_type(), "fastdiff_loss_cpu", [&] {
-    using acc_t = acc_type_t<scalar_t>;
-    const scalar_t* xp = x0.data_ptr<scalar_t>();
-    const scalar_t* mp = out.data_ptr<scalar_t>();
-    const scalar_t* np = noise_in ? noise.data_ptr<scalar_t>() : nullptr;
-    scalar_t* gp = need_grad ? grad.data_ptr<scalar_t>() : nullptr;
-    for_each_chunk(N, M, [&](int64_t n, int64_t lo, int64_t hi, int64_t item) {
-      const QCoef c = q_coef(ap, T, tp[n]);
-      const acc_t a = c.valid ? acc_t(c.a) : fd_nan<acc_t>(), b = c.valid ? acc_t(c.b) : fd_nan<acc_t>();
-      const acc_t gscale = acc_t(2.0 * static_cast<double>(wp[n]) / static_cast<double>(M));
-      const acc_t poison = c.valid ? acc_t(0) : fd_nan<acc_t>();  // invalid t: NaN loss and grad
-      const int64_t base = n * M + lo;
-      float* z = nullptr;
-      if (!np) {
-        thread_local NoiseBuf buf;
-        z = buf.get();
-        fill_normal(k, static_cast<uint64_t>(base), hi - lo, z);
-      }
-      double acc = 0.0;
-      for (int64_t j = 0; j < hi - lo; ++j) {
-        const acc_t eps = np ? static_cast<acc_t>(np[base + j]) : acc_t(z[j]);
-        const acc_t x = static_cast<acc_t>(xp[base + j]);
-        const acc_t tgt = target == kEpsilon ? eps : (target == kSample ? x : a * eps - b * x);
-        const acc_t d = static_cast<acc_t>(mp[base + j]) - tgt + poison;
-        acc += static_cast<double>(d * d);
-        if (gp) gp[base + j] = static_cast<scalar_t>(gscale * d);
-      }
-      partial[static_cast<size_t>(item)] = acc;
-    });
-  });
-  // float64 losses for float64 inputs (gradcheck), float32 otherwise
-  const bool f64 = x0.scalar_type() == at::kDouble;
-  at::Tensor loss = at::empty({N}, x0.options().dtype(f64 ? at::kDouble : at::kFloat));
-  for (int64_t n = 0; n < N; ++n) {
-    double s = 0.0;
-    for (int64_t c = 0; c < per; ++c) s += partial[static_cast<size_t>(n * per + c)];
-    const double v = M == 0 ? 0.0 : static_cast<double>(wp[n]) * s / static_cast<double>(M);
-    if (f64) loss.data_ptr<double>()[n] = v; else loss.data_ptr<float>()[n] = static_cast<float>(v);
-  }
-  return {loss, grad};
-}
+// diffusion_loss and its backward: cpu/loss.cpp
 
 // --------------------------------------------------------- reverse steps ---
 // float32 fast path of one chunk: a few simple passes (x0_hat, clip,
@@ -388,7 +320,6 @@ std::tuple<at::Tensor, at::Tensor> ddim_step_cpu(const at::Tensor& model_output,
 TORCH_LIBRARY_IMPL(fastdiff, CPU, m) {
   m.impl("q_sample", &q_sample_cpu);
   m.impl("q_sample_rng", &q_sample_rng_cpu);
-  m.impl("diffusion_loss", &diffusion_loss_cpu);
   m.impl("ddpm_step", &ddpm_step_cpu);
   m.impl("ddim_step", &ddim_step_cpu);
 }

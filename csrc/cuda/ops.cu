@@ -271,13 +271,15 @@ struct QSampleOp {
   __device__ __forceinline__ void finish(int64_t, int64_t, int64_t, acc_t) const {}
 };
 
-// per-sample MSE against eps / x0 / v and its gradient; in = {out, x0, noise}, out = {grad}
-template <typename scalar_t_, bool kRng_>
+// per-sample MSE against eps / x0 / v and its gradient; in = {out, x0, noise}, out = {grad}.
+// An input the target does not need is null (not read). kBwd_: the recomputing
+// backward (grad_loss[n] folded into the gradient scale, no reduction).
+template <typename scalar_t_, bool kRng_, bool kBwd_ = false>
 struct LossOp {
   using scalar_t = scalar_t_;
   using acc_t = acc_type_t<scalar_t>;
   static constexpr int kIn = 3, kOut = 1, kUnroll = unroll_for(sizeof(scalar_t), kIn);
-  static constexpr bool kRng = kRng_, kReduce = true, kSharedCoef = false;
+  static constexpr bool kRng = kRng_, kReduce = !kBwd_, kSharedCoef = false;
   static constexpr int kMinBlocks = 4;
   struct Coef {
     acc_t a, b, gscale, poison;
@@ -291,6 +293,7 @@ struct LossOp {
   const float* weight;
   acc_t* partial;  // [N, chunks] block sums, when chunks > 1
   acc_t* loss;     // (N,), written directly when chunks == 1
+  const acc_t* grad_loss;  // (N,) incoming per-sample gradient (kBwd_ only)
   int64_t M;
   int64_t target;
 
@@ -299,7 +302,9 @@ struct LossOp {
     Coef c;
     c.a = nan_if(!q.valid, static_cast<acc_t>(q.a));
     c.b = nan_if(!q.valid, static_cast<acc_t>(q.b));
-    c.gscale = static_cast<acc_t>(2.0 * static_cast<double>(weight[n]) / static_cast<double>(M));
+    double gs = 2.0 * static_cast<double>(weight[n]) / static_cast<double>(M);
+    if constexpr (kBwd_) gs *= static_cast<double>(grad_loss[n]);
+    c.gscale = static_cast<acc_t>(gs);
     c.poison = q.valid ? acc_t(0) : fd_nan<acc_t>();  // invalid t: NaN loss and grad
     return c;
   }
@@ -314,6 +319,7 @@ struct LossOp {
     y[0] = c.gscale * d;
   }
   __device__ __forceinline__ void finish(int64_t n, int64_t ch, int64_t chunks, acc_t sum) const {
+    if constexpr (kBwd_) return;
     if (chunks == 1)  // one block per sample: skip the finalize kernel
       loss[n] = static_cast<acc_t>(static_cast<double>(weight[n]) * static_cast<double>(sum) /
                                    static_cast<double>(M));
@@ -629,8 +635,8 @@ std::tuple<at::Tensor, at::Tensor> diffusion_loss_cuda(const at::Tensor& model_o
     if (plan.chunks > 1) partial = at::empty({N, plan.chunks}, loss_opts);
     auto fill = [&](auto& op) {
       op.in[0] = out.data_ptr<scalar_t>();
-      op.in[1] = x0.data_ptr<scalar_t>();
-      op.in[2] = ptr_or_null<scalar_t>(noise);
+      op.in[1] = target == kEpsilon ? nullptr : x0.data_ptr<scalar_t>();  // read only what the target needs
+      op.in[2] = target == kSample ? nullptr : ptr_or_null<scalar_t>(noise);
       op.out[0] = need_grad ? grad.data_ptr<scalar_t>() : nullptr;
       op.key = key.defined() ? key.data_ptr<int64_t>() : nullptr;
       op.t = tc.data_ptr<int64_t>();
@@ -639,6 +645,7 @@ std::tuple<at::Tensor, at::Tensor> diffusion_loss_cuda(const at::Tensor& model_o
       op.weight = wc.data_ptr<float>();
       op.partial = partial.defined() ? partial.data_ptr<acc_t>() : nullptr;
       op.loss = loss.data_ptr<acc_t>();
+      op.grad_loss = nullptr;
       op.M = M;
       op.target = target;
     };
@@ -660,6 +667,66 @@ std::tuple<at::Tensor, at::Tensor> diffusion_loss_cuda(const at::Tensor& model_o
     }
   });
   return {loss, grad};
+}
+
+at::Tensor diffusion_loss_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& model_output,
+                                        const at::Tensor& x0_in, const at::Tensor& t, const at::Tensor& abar,
+                                        const c10::optional<at::Tensor>& noise_in,
+                                        const c10::optional<at::Tensor>& key_in, const at::Tensor& weight,
+                                        int64_t target) {
+  check_cuda(x0_in, "x0");
+  check_common(x0_in, "x0", t, abar);
+  check_same_like(model_output, x0_in, "model_output", "x0");
+  check_per_sample_f32(weight, x0_in, "weight");
+  check_loss_grad(grad_loss, x0_in);
+  TORCH_CHECK(noise_in.has_value() != key_in.has_value(), "fastdiff: diffusion_loss needs exactly one of noise, key");
+  TORCH_CHECK(target >= 0 && target <= 2, "fastdiff: target code must be 0, 1 or 2, got ", target);
+  if (noise_in) check_same_like(*noise_in, x0_in, "noise", "x0");
+  if (key_in) check_key(*key_in, x0_in);
+  const c10::cuda::CUDAGuard guard(x0_in.device());
+  const at::Tensor x0 = canonical(x0_in);
+  const at::Tensor out = match_layout(model_output, x0);
+  const at::Tensor noise = noise_in ? match_layout(*noise_in, x0) : at::Tensor();
+  const at::Tensor key = key_in ? key_in->contiguous() : at::Tensor();
+  const int64_t N = x0.size(0), M = per_sample(x0);
+  at::Tensor grad = at::empty_like(x0);
+  if (N == 0 || M == 0) return grad;
+  const bool f64 = x0.scalar_type() == at::kDouble;
+  // the incoming gradient in the accumulation type (a no-op for the float32 loss of float32/16 data)
+  const at::Tensor gl = grad_loss.to(f64 ? at::kDouble : at::kFloat).contiguous();
+  const at::Tensor tc = t.contiguous(), ac = abar.contiguous(), wc = weight.contiguous();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, x0.scalar_type(),
+                                  "fastdiff_loss_bwd_cuda", [&] {
+    using acc_t = acc_type_t<scalar_t>;
+    const Plan plan = make_plan(N, M, LossOp<scalar_t, false, true>::kUnroll);
+    auto fill = [&](auto& op) {
+      op.in[0] = out.data_ptr<scalar_t>();
+      op.in[1] = target == kEpsilon ? nullptr : x0.data_ptr<scalar_t>();
+      op.in[2] = target == kSample ? nullptr : ptr_or_null<scalar_t>(noise);
+      op.out[0] = grad.data_ptr<scalar_t>();
+      op.key = key.defined() ? key.data_ptr<int64_t>() : nullptr;
+      op.t = tc.data_ptr<int64_t>();
+      op.abar = ac.data_ptr<double>();
+      op.T = ac.size(0);
+      op.weight = wc.data_ptr<float>();
+      op.partial = nullptr;
+      op.loss = nullptr;
+      op.grad_loss = gl.data_ptr<acc_t>();
+      op.M = M;
+      op.target = target;
+    };
+    if (key_in) {
+      LossOp<scalar_t, true, true> op;
+      fill(op);
+      launch(op, N, M, plan, stream);
+    } else {
+      LossOp<scalar_t, false, true> op;
+      fill(op);
+      launch(op, N, M, plan, stream);
+    }
+  });
+  return grad;
 }
 
 // --------------------------------------------------------- reverse steps ---
@@ -782,6 +849,7 @@ TORCH_LIBRARY_IMPL(fastdiff, CUDA, m) {
   m.impl("q_sample", &q_sample_cuda);
   m.impl("q_sample_rng", &q_sample_rng_cuda);
   m.impl("diffusion_loss", &diffusion_loss_cuda);
+  m.impl("diffusion_loss_backward", &diffusion_loss_backward_cuda);
   m.impl("ddpm_step", &ddpm_step_cuda);
   m.impl("ddim_step", &ddim_step_cuda);
 }

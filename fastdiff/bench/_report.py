@@ -19,7 +19,11 @@ from fastdiff.ops import _backend
 OPS = {
     "q_sample_rng": "q_sample with the noise drawn (fastdiff: in the kernel; baselines: randn + formula)",
     "q_sample": "q_sample with the noise given",
-    "diffusion_loss": "epsilon-target MSE loss, forward + backward",
+    "diffusion_loss": "epsilon-target MSE loss, forward + backward (fastdiff: noise from the key, stored gradient "
+                      "or recomputed, or a stored noise tensor; baselines: F.mse_loss on the stored noise)",
+    "train_chain": "the training-side elementwise chain, forward + backward: fastdiff q_sample(key, "
+                   "return_noise=False) + diffusion_loss(key) vs randn + add_noise (diffusers) / formula (eager) "
+                   "+ F.mse_loss",
     "ddpm_step": "DDPM ancestral step with noise (fixed_small variance)",
     "ddim_step": "DDIM step, eta = 0 (50-step respaced chain)",
     "guided_step": "DDPM step with classifier-free guidance (w = 7.5): the guided fused step (reads both "

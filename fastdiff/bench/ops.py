@@ -186,8 +186,12 @@ def _cases_diffusion_loss(ctx: _Ctx, gen) -> list:
 
     def fd_noise(i):
         return _grad_of(outs[i], lambda: fastdiff.diffusion_loss(outs[i], x0s[i], ts[i], s, noises[i]))
+    def fd_key_recompute(i):  # the gradient not stored: the backward regenerates the noise (GPU default)
+        return _grad_of(outs[i], lambda: fastdiff.diffusion_loss(outs[i], x0s[i], ts[i], s, key=keys[i],
+                                                                 store_grad=False))
     for impl, backend in ctx.fastdiff_impls:
         cases.append(Case("diffusion_loss", impl, fd_key, 3 * B, "key", backend))
+        cases.append(Case("diffusion_loss", impl, fd_key_recompute, 3 * B, "key, recompute", backend))
         cases.append(Case("diffusion_loss", impl, fd_noise, 4 * B, "noise", backend))
     cases.append(Case("diffusion_loss", "diffusers", None, 3 * B,
                       note="diffusers has no loss function (its training scripts use F.mse_loss = eager)"))
@@ -195,6 +199,46 @@ def _cases_diffusion_loss(ctx: _Ctx, gen) -> list:
                       3 * B))
     cases.append(_compile_case(ctx, "diffusion_loss", eager_mse, 3 * B,
                                lambda cf, i: _grad_of(outs[i], lambda: cf(outs[i], noises[i]))))
+    return cases
+
+
+def _cases_train_chain(ctx: _Ctx, gen) -> list:
+    """The training-side elementwise chain of one step, the model left out: draw the noise, make x_t, and
+    the epsilon MSE forward + backward against a model output. fastdiff: ``q_sample(key, return_noise=False)``
+    + the key-driven ``diffusion_loss`` (the noise is never stored: the loss regenerates it); diffusers:
+    ``torch.randn`` + ``DDPMScheduler.add_noise`` + ``F.mse_loss``; eager: randn + the textbook formula +
+    ``F.mse_loss``. Bytes: what the fused chain must move (read x0, write x_t, read the model output, write
+    its gradient)."""
+    dev, B = ctx.device, ctx.tensor_bytes
+    outs = [o.requires_grad_() for o in ctx.randn(gen)]
+    x0s = ctx.randn(gen)
+    n = ctx.shape[0]
+    ts = [torch.randint(0, T_TRAIN, (n,), generator=gen, device=dev) for _ in range(ctx.nsets)]
+    s, tab = ctx.sched, ctx.tables
+    cases = []
+
+    def fd(i):
+        k = fastdiff.draw_key(device=dev)
+        xt, _ = fastdiff.q_sample(x0s[i], ts[i], s, key=k, return_noise=False)
+        return xt, _grad_of(outs[i], lambda: fastdiff.diffusion_loss(outs[i], x0s[i], ts[i], s, key=k))
+    for impl, backend in ctx.fastdiff_impls:
+        cases.append(Case("train_chain", impl, fd, 4 * B, backend=backend))
+    if ctx.diffusers is not None:
+        sch = ctx.diffusers.DDPMScheduler(num_train_timesteps=T_TRAIN, beta_schedule="linear", clip_sample=False)
+
+        def df(i):
+            noise = torch.randn(x0s[i].shape, device=dev, dtype=x0s[i].dtype)
+            xt = sch.add_noise(x0s[i], noise, ts[i])
+            return xt, _grad_of(outs[i], lambda: F.mse_loss(outs[i], noise))
+        cases.append(Case("train_chain", "diffusers", df, 4 * B))
+    else:
+        cases.append(Case("train_chain", "diffusers", None, 4 * B, note=ctx.diffusers_note))
+    a, b = tab["sqrt_ab"], tab["sqrt_1m_ab"]
+
+    def ef(i):
+        xt, noise = eager_q_sample_rng(x0s[i], ts[i], a, b)
+        return xt, _grad_of(outs[i], lambda: eager_mse(outs[i], noise))
+    cases.append(Case("train_chain", "eager", ef, 4 * B))
     return cases
 
 
@@ -400,6 +444,7 @@ _BUILDERS = {
     "q_sample_rng": _cases_q_sample_rng,
     "q_sample": _cases_q_sample,
     "diffusion_loss": _cases_diffusion_loss,
+    "train_chain": _cases_train_chain,
     "ddpm_step": _cases_ddpm_step,
     "ddim_step": _cases_ddim_step,
     "guided_step": _cases_guided_step,
@@ -408,7 +453,7 @@ _BUILDERS = {
 }
 # full-size tensors each input set holds (for the rotation count)
 _INPUTS_PER_SET = {"q_sample_rng": 1, "q_sample": 2, "diffusion_loss": 3, "ddpm_step": 2, "ddim_step": 2,
-                   "guided_step": 3, "multistep_step": 2, "sampler_loop": 2}
+                   "guided_step": 3, "multistep_step": 2, "sampler_loop": 2, "train_chain": 2}
 
 
 def fastdiff_impls(device: str) -> list:
@@ -447,8 +492,8 @@ def _row(case: Case, ctx: _Ctx, copy_gbps: float, st: Optional[dict]) -> dict:
 
 _KERNEL_OF = {"q_sample_rng": "q_sample_rng", "q_sample": "q_sample", "diffusion_loss": "diffusion_loss",
               "ddpm_step": "ddpm_step", "ddim_step": "ddim_step", "guided_step": "ddpm_step",
-              "multistep_step": "multistep_step",
-              "sampler_loop": "multistep_step"}  # the kernel each row times
+              "multistep_step": "multistep_step", "sampler_loop": "multistep_step",
+              "train_chain": "diffusion_loss"}  # the kernel each row times
 
 
 def run_ops(device: str = "cpu", ops: Optional[Sequence[str]] = None, dtype="fp32", shapes=None,

@@ -8,7 +8,9 @@ Autograd: q_sample is linear in x0 and noise, so its backward is a
 per-sample scale, written with ATen ops (which the compiler fuses). The
 diffusion loss computes d(sum_n loss_n)/d(model_output) in its forward pass
 (no extra read of x0/noise), and its backward is one broadcast multiply by the
-incoming per-sample gradient. The reverse steps are sampling ops and are not
+incoming per-sample gradient; when the forward did not store it (the
+key-driven path on a GPU, or ``store_grad=False``), the backward recomputes it
+in one pass (``diffusion_loss_backward``). The reverse steps are sampling ops and are not
 differentiable.
 """
 from __future__ import annotations
@@ -37,6 +39,11 @@ def _q_sample_rng_fake(x0, t, alphas_cumprod, key, return_noise):
 def _loss_fake(model_output, x0, t, alphas_cumprod, noise, key, weight, target, need_grad):
     per = x0.new_empty((x0.shape[0],), dtype=torch.float64 if x0.dtype == torch.float64 else torch.float32)
     return per, (empty_canonical(x0) if need_grad else x0.new_empty(0))
+
+
+@torch.library.register_fake(_f("diffusion_loss_backward"))
+def _loss_bwd_fake(grad_loss, model_output, x0, t, alphas_cumprod, noise, key, weight, target):
+    return empty_canonical(x0)
 
 
 @torch.library.register_fake(_f("ddpm_step"))
@@ -85,21 +92,44 @@ def _q_rng_backward(ctx, grad, grad_noise):
 
 
 def _loss_setup(ctx, inputs, output):
-    if not inputs[8]:  # need_grad
-        ctx.grad_ok = False
-        return
-    ctx.grad_ok = True
-    ctx.save_for_backward(output[1])
+    # inputs: model_output, x0, t, alphas_cumprod, noise, key, weight, target, need_grad
+    # the gradient output is rarely differentiated: no zeros tensor materialised for it in the backward
+    ctx.set_materialize_grads(False)
+    ctx.stored = bool(inputs[8])
+    if ctx.stored:  # the forward wrote d(sum_n loss_n)/d model_output: the backward is one multiply
+        ctx.save_for_backward(output[1])
+        ctx.dd = (inputs[6], inputs[2], inputs[3].shape[0])  # weight, t, T: for a double backward only
+    else:  # recompute in the backward (diffusion_loss_backward), from the key when there is one
+        ctx.target = inputs[7]
+        ctx.save_for_backward(*inputs[:7])
 
 
-def _loss_backward(ctx, grad_per_sample, _grad_grad):
-    if not ctx.grad_ok:
-        raise RuntimeError(
-            "fastdiff.diffusion_loss: the gradient was not computed in the forward pass; call it with "
-            "model_output.requires_grad=True under grad mode (the public function decides need_grad for you)")
-    (g,) = ctx.saved_tensors
-    scale = grad_per_sample.to(g.dtype).reshape((-1,) + (1,) * (g.dim() - 1))
-    return g * scale, None, None, None, None, None, None, None, None
+def _loss_backward(ctx, grad_per_sample, grad_grad):
+    """Stored gradient: g * grad_per_sample (one broadcast multiply, no pass over x0 or the noise).
+    Otherwise one recomputing pass (``diffusion_loss_backward``). ``grad_grad`` is only defined when
+    something differentiated the gradient output itself (double backward through the stored path):
+    g = 2 w_n / M (out - target), so it contributes 2 w_n / M * grad_grad."""
+    gm = None
+    if ctx.stored:
+        (g,) = ctx.saved_tensors
+        if grad_per_sample is not None:
+            gs = grad_per_sample if grad_per_sample.dtype == g.dtype else grad_per_sample.to(g.dtype)
+            gm = g * gs.view((-1,) + (1,) * (g.dim() - 1))
+        if grad_grad is not None and grad_grad.numel():
+            weight, t, T = ctx.dd
+            m = g.numel() // g.shape[0]
+            c = torch.where((t >= 0) & (t < T), weight.to(torch.float64) * (2.0 / m), float("nan"))
+            gg = grad_grad * c.to(grad_grad.dtype).view((-1,) + (1,) * (grad_grad.dim() - 1))
+            gm = gg if gm is None else gm + gg
+    elif grad_per_sample is not None:
+        model_output, x0, t, abar, noise, key, weight = ctx.saved_tensors
+        if torch.is_grad_enabled() and (model_output.requires_grad or grad_per_sample.requires_grad):
+            raise RuntimeError(
+                "fastdiff.diffusion_loss: double backward (create_graph=True) needs the stored gradient; "
+                "call fastdiff.diffusion_loss(..., store_grad=True)")
+        gm = torch.ops.fastdiff.diffusion_loss_backward.default(
+            grad_per_sample, model_output, x0, t, abar, noise, key, weight, ctx.target)
+    return gm, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd(_f("q_sample"), _q_backward, setup_context=_q_setup)

@@ -64,6 +64,12 @@ def diffusion_loss(model_output, x0, t, alphas_cumprod, noise, key, weight, targ
     return per, g
 
 
+def diffusion_loss_backward(grad_loss, model_output, x0, t, alphas_cumprod, noise, key, weight, target):
+    # grad_loss_n * d loss_n / d out = the gradient of the loss with weights w_n * grad_loss_n (float64, one rounding)
+    w = weight.to(torch.float64) * grad_loss.to(device=weight.device, dtype=torch.float64)
+    return diffusion_loss(model_output, x0, t, alphas_cumprod, noise, key, w, target, True)[1]
+
+
 def _guided(model_output, uncond_output, guidance_scale, guidance_factor):
     """The (float64) prediction the step uses: model_output, or its
     classifier-free-guided combination with uncond_output."""

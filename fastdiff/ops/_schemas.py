@@ -37,6 +37,10 @@ SCHEMAS = {
     # inputs) + its gradient (or empty)
     "diffusion_loss": "diffusion_loss(Tensor model_output, Tensor x0, Tensor t, Tensor alphas_cumprod,"
     " Tensor? noise, Tensor? key, Tensor weight, int target, bool need_grad) -> (Tensor, Tensor)",
+    # the recomputing backward of diffusion_loss: grad_loss (N,) * d loss_n / d model_output, in one pass
+    # over model_output and the inputs the target needs (the noise regenerated from the key)
+    "diffusion_loss_backward": "diffusion_loss_backward(Tensor grad_loss, Tensor model_output, Tensor x0, Tensor t,"
+    " Tensor alphas_cumprod, Tensor? noise, Tensor? key, Tensor weight, int target) -> Tensor",
     # ancestral DDPM step: (prev_sample, pred_original_sample)
     "ddpm_step": "ddpm_step(Tensor model_output, Tensor sample, Tensor t, Tensor t_prev, Tensor alphas_cumprod,"
     " Tensor? model_var, Tensor? noise, Tensor? key, Tensor? thresh, int prediction_type, int variance_type,"

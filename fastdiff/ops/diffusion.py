@@ -190,7 +190,8 @@ def get_velocity(x0: torch.Tensor, noise: torch.Tensor, t: Timesteps, schedule: 
 def diffusion_loss(model_output: torch.Tensor, x0: torch.Tensor, t: Timesteps, schedule: ScheduleLike,
                    noise: Optional[torch.Tensor] = None, *, key: Optional[torch.Tensor] = None,
                    target: str = "epsilon", weighting: Union[str, torch.Tensor] = "uniform",
-                   snr_gamma: float = 5.0, reduction: str = "mean") -> torch.Tensor:
+                   snr_gamma: float = 5.0, reduction: str = "mean",
+                   store_grad: Optional[bool] = None) -> torch.Tensor:
     """Fused weighted MSE of a denoiser against the epsilon / x0 / v target.
 
     loss_n = w_n * mean_j (model_output - target)^2, computed in one pass
@@ -209,6 +210,15 @@ def diffusion_loss(model_output: torch.Tensor, x0: torch.Tensor, t: Timesteps, s
             float tensor (N,) of per-sample weights.
         reduction: ``"mean"`` (a scalar, mean over samples) or ``"none"``
             (per-sample losses, float32 (N,)).
+        store_grad: where the backward gets d loss / d model_output. ``True``:
+            the forward writes it (one extra tensor the size of x0 held until
+            the backward), and the backward is one multiply by the incoming
+            per-sample gradient. ``False``: the forward only reduces, and the
+            backward recomputes the gradient in one pass (regenerating the
+            noise from ``key``). ``None`` (default): stored, except for
+            ``key=`` on a GPU, where recomputing moves fewer bytes (the noise
+            costs no memory traffic there; on a CPU regenerating it costs more
+            than the stored gradient's read and write).
 
     Gradients flow to model_output only.
     """
@@ -234,7 +244,9 @@ def diffusion_loss(model_output: torch.Tensor, x0: torch.Tensor, t: Timesteps, s
         w = loss_weight(abar, tt, weighting, target, snr_gamma).to(x0.device)
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
-    need_grad = bool(torch.is_grad_enabled() and model_output.requires_grad)
+    if store_grad is None:
+        store_grad = key is None or x0.device.type == "cpu"
+    need_grad = bool(store_grad and torch.is_grad_enabled() and model_output.requires_grad)
     per, _ = op("diffusion_loss")(model_output, x0, tt, abar, noise, key, w, tgt, need_grad)
     return per.mean() if reduction == "mean" else per
 

@@ -19,10 +19,11 @@ from ._philox import tile_normals
 
 
 @triton.jit(do_not_specialize=["chunks", "T"])  # block count / table length
-def _loss_kernel(out_ptr, x_ptr, noise_ptr, key_ptr, t_ptr, abar_ptr, w_ptr, grad_ptr, ws_ptr,
+def _loss_kernel(out_ptr, x_ptr, noise_ptr, key_ptr, t_ptr, abar_ptr, w_ptr, grad_ptr, ws_ptr, gl_ptr,
                  M, chunks, T,
                  TARGET: tl.constexpr, NOISE_FROM_KEY: tl.constexpr, NEED_GRAD: tl.constexpr, ACC: tl.constexpr,
-                 BLOCK: tl.constexpr, TILES: tl.constexpr, ALIGNED: tl.constexpr, I64: tl.constexpr):
+                 BLOCK: tl.constexpr, TILES: tl.constexpr, ALIGNED: tl.constexpr, I64: tl.constexpr,
+                 BWD: tl.constexpr = False):
     pid = tl.program_id(0)
     n, start, lo, hi = C.chunk_of(pid, chunks, M, BLOCK * TILES, ALIGNED, I64)
     t = tl.load(t_ptr + n)
@@ -32,7 +33,10 @@ def _loss_kernel(out_ptr, x_ptr, noise_ptr, key_ptr, t_ptr, abar_ptr, w_ptr, gra
     b = tl.sqrt(1.0 - ab).to(ACC)
     poison = tl.where(valid, 0.0, float("nan")).to(ACC)  # invalid t: NaN loss and gradient
     w_over_m = tl.load(w_ptr + n).to(tl.float64) / M
-    gscale = (2.0 * w_over_m).to(ACC)
+    if BWD:  # the recomputing backward: the incoming per-sample gradient folded into the scale
+        gscale = (2.0 * w_over_m * tl.load(gl_ptr + n).to(tl.float64)).to(ACC)
+    else:
+        gscale = (2.0 * w_over_m).to(ACC)
 
     acc = tl.zeros([BLOCK], dtype=ACC)  # per-lane sums of squares over the chunk's tiles
     for i in range(TILES):
@@ -54,12 +58,14 @@ def _loss_kernel(out_ptr, x_ptr, noise_ptr, key_ptr, t_ptr, abar_ptr, w_ptr, gra
         d = mo - tgt + poison
         if NEED_GRAD:
             tl.store(grad_ptr + offs, (gscale * d).to(grad_ptr.dtype.element_ty), mask=mask)
-        d = tl.where(mask, d, 0.0)
-        acc += d * d
-    # w_n / M * (this chunk's sum of squares), in float64: the loss is ws.sum(1)
-    # (with one chunk per sample, ws is the loss itself, in the loss dtype)
-    part = w_over_m * tl.sum(acc.to(tl.float64), axis=0)
-    tl.store(ws_ptr + pid, part.to(ws_ptr.dtype.element_ty))
+        if not BWD:
+            d = tl.where(mask, d, 0.0)
+            acc += d * d
+    if not BWD:
+        # w_n / M * (this chunk's sum of squares), in float64: the loss is ws.sum(1)
+        # (with one chunk per sample, ws is the loss itself, in the loss dtype)
+        part = w_over_m * tl.sum(acc.to(tl.float64), axis=0)
+        tl.store(ws_ptr + pid, part.to(ws_ptr.dtype.element_ty))
 
 
 @C.on_tensor_device
@@ -96,9 +102,50 @@ def diffusion_loss(model_output: torch.Tensor, x0: torch.Tensor, t: torch.Tensor
     from_key = key is not None
     _loss_kernel[tiling.grid](
         mo, x, x if from_key else noise, key if from_key else t, t.contiguous(), alphas_cumprod.contiguous(),
-        weight.contiguous(), grad if need_grad else x, ws,
+        weight.contiguous(), grad if need_grad else x, ws, ws,
         M, tiling.chunks, alphas_cumprod.size(0),
         TARGET=target, NOISE_FROM_KEY=from_key, NEED_GRAD=bool(need_grad), ACC=C.acc_dtype(x.dtype),
         **tiling.meta_tiles)
     per = ws if tiling.chunks == 1 else ws.sum(1).to(loss_dtype)
     return per, grad
+
+
+@C.on_tensor_device
+def diffusion_loss_backward(grad_loss: torch.Tensor, model_output: torch.Tensor, x0: torch.Tensor, t: torch.Tensor,
+                            alphas_cumprod: torch.Tensor, noise, key, weight: torch.Tensor, target: int):
+    """Schema ``diffusion_loss_backward(grad_loss, model_output, x0, t, alphas_cumprod, noise?, key?, weight,
+    target) -> grad``: grad_loss[n] * d loss_n / d model_output, recomputed in one pass (the noise
+    regenerated from the key), in x0's canonical layout."""
+    C.check_common(x0, "x0", t, alphas_cumprod)
+    C.check_like(model_output, x0, "model_output", "x0")
+    C.check_per_sample_f32(weight, x0, "weight")
+    if grad_loss.shape != (x0.shape[0],) or not grad_loss.is_floating_point() or grad_loss.device != x0.device:
+        raise RuntimeError(f"fastdiff: grad_loss must be a floating tensor of shape ({x0.shape[0]},) on "
+                           f"{x0.device}, got {grad_loss.dtype} {tuple(grad_loss.shape)} on {grad_loss.device}")
+    if (noise is None) == (key is None):
+        raise RuntimeError("fastdiff: diffusion_loss needs exactly one of noise, key")
+    target = int(target)
+    if target not in (0, 1, 2):
+        raise RuntimeError(f"fastdiff: target code must be 0, 1 or 2, got {target}")
+    x = canonical(x0)
+    mo = match_layout(model_output, x)
+    if noise is not None:
+        C.check_like(noise, x0, "noise", "x0")
+        noise = match_layout(noise, x)
+    else:
+        C.check_key(key, x0)
+        key = key.contiguous()
+    N, M = x.size(0), per_sample(x)
+    grad = torch.empty_like(x)
+    if x.numel() == 0:
+        return grad
+    gl = grad_loss.to(torch.float64).contiguous()
+    tiling = C.tiling("loss", N, M)
+    from_key = key is not None
+    _loss_kernel[tiling.grid](
+        mo, x, x if from_key else noise, key if from_key else t, t.contiguous(), alphas_cumprod.contiguous(),
+        weight.contiguous(), grad, gl, gl,
+        M, tiling.chunks, alphas_cumprod.size(0),
+        TARGET=target, NOISE_FROM_KEY=from_key, NEED_GRAD=True, ACC=C.acc_dtype(x.dtype), BWD=True,
+        **tiling.meta_tiles)
+    return grad
