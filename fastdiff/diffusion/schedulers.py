@@ -143,7 +143,8 @@ def build_noise_schedule(num_train_timesteps, beta_start, beta_end, beta_schedul
 
 
 def _flag(value, name: str) -> bool:
-    """A bool argument (a Python/numpy bool, or 0/1)."""
+    """A bool argument (a Python/numpy bool, or 0/1). Pipelines pass None for "not set": call it as
+    ``False if v is None else _flag(v, name)`` where that is allowed."""
     if isinstance(value, (bool, np.bool_)) or (isinstance(value, (int, np.integer)) and value in (0, 1)):
         return bool(value)
     raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
@@ -683,11 +684,13 @@ class FusedDDIMScheduler(_FusedScheduler):
             raise ValueError(f"eta must be a finite number >= 0, got {eta}")
         t, t_prev, _ = self._step_timesteps(timestep, sample)
         noise, k = self._noise(sample, generator, variance_noise, key, needed=eta > 0)
+        # pipelines pass None for "not set"
+        clipped = False if use_clipped_model_output is None else _flag(use_clipped_model_output,
+                                                                         "use_clipped_model_output")
         prev, x0 = _direct.ddim_step(model_output, sample, t, t_prev, self._abar_on(sample.device),
                                      prediction=self._pred_code, clip=self._clip, eta=eta,
                                      final_alpha_cumprod=self._final_abar,
-                                     use_clipped_model_output=_flag(use_clipped_model_output,
-                                                                              "use_clipped_model_output"),
+                                     use_clipped_model_output=clipped,
                                      noise=noise if eta > 0 else None, key=k if eta > 0 else None,
                                      thresh=self._thresh(model_output, sample, t))
         if not _flag(return_dict, "return_dict"):

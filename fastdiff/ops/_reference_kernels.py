@@ -39,6 +39,10 @@ def _noise(primary, key):
 
 def q_sample(x0, t, alphas_cumprod, noise):
     KC.check_q_sample(x0, t, alphas_cumprod, noise=noise)
+    return _q_sample(x0, t, alphas_cumprod, noise)
+
+
+def _q_sample(x0, t, alphas_cumprod, noise):
     T = alphas_cumprod.shape[0]
     tc = t.clamp(0, T - 1)
     v = _nan_invalid(ref.q_sample(x0, tc, alphas_cumprod, noise).to(torch.float64), _valid_t(t, T))
@@ -48,7 +52,7 @@ def q_sample(x0, t, alphas_cumprod, noise):
 def q_sample_rng(x0, t, alphas_cumprod, key, return_noise):
     KC.check_q_sample(x0, t, alphas_cumprod, key=key)
     z = _noise(x0, key)
-    xt = q_sample(x0, t, alphas_cumprod, z)
+    xt = _q_sample(x0, t, alphas_cumprod, z)
     nz = _out(x0, z) if return_noise else x0.new_empty(0)
     return xt, nz
 

@@ -32,6 +32,7 @@ _LOSS = op("diffusion_loss")
 _DDPM = op("ddpm_step")
 _DDIM = op("ddim_step")
 _below_autograd = torch._C._AutoDispatchBelowAutograd
+_compiling = torch.compiler.is_compiling
 _ONES: dict = {}
 
 #: the edge conversion of timesteps: ``timesteps(t, n, device, T, name="t", allow_final=False)`` ->
@@ -42,7 +43,7 @@ timesteps = _checks.timesteps
 def _no_grad_needed(*tensors) -> bool:
     """True when no autograd graph can be recorded for these inputs, so the
     op can skip its (Python) autograd kernel; never while torch.compile traces."""
-    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+    if _compiling() or torch._C._are_functorch_transforms_active():
         return False
     if not torch.is_grad_enabled():
         return True
@@ -57,7 +58,7 @@ def q_sample_key(x0: torch.Tensor, t: torch.Tensor, abar: torch.Tensor, key: tor
     """x_t (and the drawn noise, or None) with in-kernel noise from ``key``."""
     if _no_grad_needed(x0):
         with _below_autograd():
-            xt, nz = _Q_SAMPLE_RNG(x0, t, abar, key, return_noise)
+            xt, nz = _Q_SAMPLE_RNG._op(x0, t, abar, key, return_noise)
     else:
         xt, nz = _Q_SAMPLE_RNG(x0, t, abar, key, return_noise)
     return xt, (nz if return_noise else None)
@@ -67,7 +68,7 @@ def q_sample_noise(x0: torch.Tensor, t: torch.Tensor, abar: torch.Tensor, noise:
     """x_t with the given noise."""
     if _no_grad_needed(x0, noise):
         with _below_autograd():
-            return _Q_SAMPLE(x0, t, abar, noise)
+            return _Q_SAMPLE._op(x0, t, abar, noise)
     return _Q_SAMPLE(x0, t, abar, noise)
 
 
@@ -122,7 +123,10 @@ def ddpm_step(model_output: torch.Tensor, sample: torch.Tensor, t: torch.Tensor,
               model_var: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None,
               key: Optional[torch.Tensor] = None, thresh: Optional[torch.Tensor] = None):
     """(prev_sample, pred_original_sample) of one ancestral DDPM step."""
-    return _DDPM(model_output, sample, t, t_prev, abar, model_var, noise, key, thresh, prediction, variance, clip)
+    # OpOverload._op: the C++ entry that OpOverload.__call__ forwards to (one Python frame less per call);
+    # the OpOverload itself while torch.compile traces
+    return (_DDPM if _compiling() else _DDPM._op)(model_output, sample, t, t_prev, abar, model_var, noise, key,
+                                                   thresh, prediction, variance, clip)
 
 
 def ddim_step(model_output: torch.Tensor, sample: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor,
@@ -131,8 +135,9 @@ def ddim_step(model_output: torch.Tensor, sample: torch.Tensor, t: torch.Tensor,
               noise: Optional[torch.Tensor] = None, key: Optional[torch.Tensor] = None,
               thresh: Optional[torch.Tensor] = None):
     """(prev_sample, pred_original_sample) of one DDIM step (noise only used when eta > 0)."""
-    return _DDIM(model_output, sample, t, t_prev, abar, noise, key, thresh, prediction, clip, eta,
-                 final_alpha_cumprod, use_clipped_model_output)
+    return (_DDIM if _compiling() else _DDIM._op)(model_output, sample, t, t_prev, abar, noise, key, thresh,
+                                                   prediction, clip, eta, final_alpha_cumprod,
+                                                   use_clipped_model_output)
 
 
 __all__ = ["timesteps", "q_sample_key", "q_sample_noise", "diffusion_loss", "loss_weights", "uniform_weight", "threshold",
