@@ -1,6 +1,9 @@
 // Host-side helpers shared by the CPU and CUDA operator implementations:
-// argument checks (the public Python functions check first, with friendlier
-// messages; these keep direct torch.ops.fastdiff.* calls safe), layout
+// argument checks (typed: TORCH_CHECK_TYPE -> TypeError for a wrong dtype,
+// TORCH_CHECK_VALUE -> ValueError for a wrong shape/device/value; the public
+// Python functions rely on them instead of repeating them, and
+// fastdiff/ops/_kernel_checks.py states the same checks, with the same
+// messages, for the Triton and reference kernels), layout
 // canonicalisation, and the declarations of every backend entry point.
 #pragma once
 
@@ -34,40 +37,40 @@ inline at::Tensor match_layout(const at::Tensor& x, const at::Tensor& ref) {
 }
 
 inline void check_same_like(const at::Tensor& x, const at::Tensor& ref, const char* name, const char* ref_name) {
-  TORCH_CHECK(x.sizes() == ref.sizes(), "fastdiff: ", name, " must have the shape of ", ref_name, " ", ref.sizes(),
+  TORCH_CHECK_VALUE(x.sizes() == ref.sizes(), "fastdiff: ", name, " must have the shape of ", ref_name, " ", ref.sizes(),
               ", got ", x.sizes());
-  TORCH_CHECK(x.scalar_type() == ref.scalar_type(), "fastdiff: ", name, " must have the dtype of ", ref_name, " (",
+  TORCH_CHECK_TYPE(x.scalar_type() == ref.scalar_type(), "fastdiff: ", name, " must have the dtype of ", ref_name, " (",
               ref.scalar_type(), "), got ", x.scalar_type());
-  TORCH_CHECK(x.device() == ref.device(), "fastdiff: ", name, " must be on ", ref.device(), ", got ", x.device());
+  TORCH_CHECK_VALUE(x.device() == ref.device(), "fastdiff: ", name, " must be on ", ref.device(), ", got ", x.device());
 }
 
 inline void check_common(const at::Tensor& x, const char* name, const at::Tensor& t, const at::Tensor& abar) {
-  TORCH_CHECK(x.dim() >= 1, "fastdiff: ", name, " must have a batch dimension");
+  TORCH_CHECK_VALUE(x.dim() >= 1, "fastdiff: ", name, " must have a batch dimension");
   const auto st = x.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble, "fastdiff: ", name,
+  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble, "fastdiff: ", name,
               " must be float32, float16, bfloat16 or float64, got ", st);
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == x.size(0), "fastdiff: t must have shape (", x.size(0), ",), got ",
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == x.size(0), "fastdiff: t must have shape (", x.size(0), ",), got ",
               t.sizes());
-  TORCH_CHECK(t.scalar_type() == at::kLong, "fastdiff: t must be int64, got ", t.scalar_type());
-  TORCH_CHECK(t.device() == x.device(), "fastdiff: t must be on ", x.device(), ", got ", t.device());
-  TORCH_CHECK(abar.dim() == 1 && abar.size(0) >= 1, "fastdiff: alphas_cumprod must be a non-empty 1-D table");
-  TORCH_CHECK(abar.scalar_type() == at::kDouble, "fastdiff: alphas_cumprod must be float64, got ",
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kLong, "fastdiff: t must be int64, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == x.device(), "fastdiff: t must be on ", x.device(), ", got ", t.device());
+  TORCH_CHECK_VALUE(abar.dim() == 1 && abar.size(0) >= 1, "fastdiff: alphas_cumprod must be a non-empty 1-D table");
+  TORCH_CHECK_TYPE(abar.scalar_type() == at::kDouble, "fastdiff: alphas_cumprod must be float64, got ",
               abar.scalar_type());
-  TORCH_CHECK(abar.device() == x.device(), "fastdiff: alphas_cumprod must be on ", x.device(), ", got ",
+  TORCH_CHECK_VALUE(abar.device() == x.device(), "fastdiff: alphas_cumprod must be on ", x.device(), ", got ",
               abar.device());
 }
 
 inline void check_key(const at::Tensor& key, const at::Tensor& x) {
-  TORCH_CHECK(key.dim() == 1 && key.size(0) == 2 && key.scalar_type() == at::kLong,
+  TORCH_CHECK_TYPE(key.dim() == 1 && key.size(0) == 2 && key.scalar_type() == at::kLong,
               "fastdiff: key must be an int64 tensor of shape (2,) ([seed, offset]), got ", key.scalar_type(), " ",
               key.sizes());
-  TORCH_CHECK(key.device() == x.device(), "fastdiff: key must be on ", x.device(), ", got ", key.device());
+  TORCH_CHECK_VALUE(key.device() == x.device(), "fastdiff: key must be on ", x.device(), ", got ", key.device());
 }
 
 inline void check_per_sample_f32(const at::Tensor& v, const at::Tensor& x, const char* name) {
-  TORCH_CHECK(v.dim() == 1 && v.size(0) == x.size(0) && v.scalar_type() == at::kFloat, "fastdiff: ", name,
+  TORCH_CHECK_VALUE(v.dim() == 1 && v.size(0) == x.size(0) && v.scalar_type() == at::kFloat, "fastdiff: ", name,
               " must be a float32 tensor of shape (", x.size(0), ",), got ", v.scalar_type(), " ", v.sizes());
-  TORCH_CHECK(v.device() == x.device(), "fastdiff: ", name, " must be on ", x.device(), ", got ", v.device());
+  TORCH_CHECK_VALUE(v.device() == x.device(), "fastdiff: ", name, " must be on ", x.device(), ", got ", v.device());
 }
 
 // Per-sample element count of a batch-major tensor.
@@ -105,10 +108,11 @@ FD_DECLARE(cuda)
 // The recomputing backward of diffusion_loss (stored-gradient path: a multiply
 // in Python, no op). grad_loss: the incoming gradient of the per-sample loss.
 inline void check_loss_grad(const at::Tensor& g, const at::Tensor& x) {
-  TORCH_CHECK(g.dim() == 1 && g.size(0) == x.size(0) && at::isFloatingType(g.scalar_type()),
-              "fastdiff: grad_loss must be a floating tensor of shape (", x.size(0), ",), got ", g.scalar_type(),
-              " ", g.sizes());
-  TORCH_CHECK(g.device() == x.device(), "fastdiff: grad_loss must be on ", x.device(), ", got ", g.device());
+  TORCH_CHECK_TYPE(at::isFloatingType(g.scalar_type()), "fastdiff: grad_loss must be a floating tensor, got ",
+                   g.scalar_type());
+  TORCH_CHECK_VALUE(g.dim() == 1 && g.size(0) == x.size(0), "fastdiff: grad_loss must have shape (", x.size(0),
+                    ",), got ", g.sizes());
+  TORCH_CHECK_VALUE(g.device() == x.device(), "fastdiff: grad_loss must be on ", x.device(), ", got ", g.device());
 }
 at::Tensor diffusion_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& model_output,
                                        const at::Tensor& x0, const at::Tensor& t, const at::Tensor& abar,
@@ -131,13 +135,14 @@ struct StepArgs {
 inline void check_guidance(const at::Tensor& model_output, const c10::optional<at::Tensor>& uncond,
                            double guidance_scale, const c10::optional<at::Tensor>& gfac) {
   if (uncond.has_value()) check_same_like(*uncond, model_output, "uncond_output", "model_output");
-  TORCH_CHECK(std::isfinite(guidance_scale), "fastdiff: guidance_scale must be finite, got ", guidance_scale);
+  TORCH_CHECK_VALUE(std::isfinite(guidance_scale), "fastdiff: guidance_scale must be finite, got ", guidance_scale);
   if (gfac.has_value()) {
-    TORCH_CHECK(gfac->dim() == 1 && gfac->size(0) == model_output.size(0) && gfac->scalar_type() == at::kDouble,
-                "fastdiff: guidance_factor must be a float64 tensor of shape (", model_output.size(0), ",), got ",
-                gfac->scalar_type(), " ", gfac->sizes());
-    TORCH_CHECK(gfac->device() == model_output.device(), "fastdiff: guidance_factor must be on ",
-                model_output.device(), ", got ", gfac->device());
+    TORCH_CHECK_TYPE(gfac->scalar_type() == at::kDouble, "fastdiff: guidance_factor must be float64, got ",
+                     gfac->scalar_type());
+    TORCH_CHECK_VALUE(gfac->dim() == 1 && gfac->size(0) == model_output.size(0),
+                      "fastdiff: guidance_factor must have shape (", model_output.size(0), ",), got ", gfac->sizes());
+    TORCH_CHECK_VALUE(gfac->device() == model_output.device(), "fastdiff: guidance_factor must be on ",
+                      model_output.device(), ", got ", gfac->device());
   }
 }
 
@@ -149,11 +154,11 @@ inline StepArgs prepare_step(const at::Tensor& model_output, const at::Tensor& s
                              double guidance_scale = 1.0, const c10::optional<at::Tensor>& gfac = c10::nullopt) {
   check_common(sample, "sample", t, abar);
   check_same_like(model_output, sample, "model_output", "sample");
-  TORCH_CHECK(t_prev.sizes() == t.sizes() && t_prev.scalar_type() == at::kLong && t_prev.device() == t.device(),
+  TORCH_CHECK_VALUE(t_prev.sizes() == t.sizes() && t_prev.scalar_type() == at::kLong && t_prev.device() == t.device(),
               "fastdiff: t_prev must be an int64 tensor like t");
-  TORCH_CHECK(prediction_type >= 0 && prediction_type <= 2, "fastdiff: prediction_type code must be 0, 1 or 2, got ",
+  TORCH_CHECK_VALUE(prediction_type >= 0 && prediction_type <= 2, "fastdiff: prediction_type code must be 0, 1 or 2, got ",
               prediction_type);
-  TORCH_CHECK(!(noise.has_value() && key.has_value()), "fastdiff: pass noise or key, not both");
+  TORCH_CHECK_VALUE(!(noise.has_value() && key.has_value()), "fastdiff: pass noise or key, not both");
   StepArgs a;
   a.x = canonical(sample);
   a.out = match_layout(model_output, a.x);

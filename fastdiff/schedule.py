@@ -81,8 +81,18 @@ class NoiseSchedule:
         diffusion), ``cosine`` (improved DDPM, capped at ``max_beta``) or
         ``sigmoid`` (GeoDiff). ``zero_terminal_snr`` rescales it so abar_T = 0
         (use v-prediction with it: epsilon-prediction is undefined at SNR 0)."""
+        if not isinstance(name, str):
+            raise TypeError(f"name must be one of {SCHEDULES}, got {type(name).__name__}")
         if not isinstance(num_timesteps, int) or num_timesteps < 1:
             raise ValueError(f"num_timesteps must be a positive int, got {num_timesteps!r}")
+        for arg, v in (("beta_start", beta_start), ("beta_end", beta_end), ("cosine_s", cosine_s),
+                       ("max_beta", max_beta)):
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+                raise TypeError(f"{arg} must be a float, got {type(v).__name__}")
+            if not math.isfinite(v):
+                raise ValueError(f"{arg} must be finite, got {v!r}")
+        if not isinstance(zero_terminal_snr, (bool, np.bool_)):
+            raise TypeError(f"zero_terminal_snr must be a bool, got {type(zero_terminal_snr).__name__}")
         betas = _betas(name, num_timesteps, beta_start, beta_end, cosine_s, max_beta)
         if zero_terminal_snr:
             betas = rescale_zero_terminal_snr(betas)
@@ -134,6 +144,21 @@ class NoiseSchedule:
         stay float64)."""
         return NoiseSchedule.from_alphas_cumprod(self.alphas_cumprod.to(device), betas=self.betas.to(device),
                                                  name=self.name, config=self.config)
+
+    def alphas_cumprod_on(self, device) -> torch.Tensor:
+        """``alphas_cumprod`` (float64) on ``device``: the table itself when it
+        is there, else a copy made once and cached (re-made if the table is
+        replaced or modified in place), so a call per step costs no copy."""
+        abar = self.alphas_cumprod
+        if abar.device == device:
+            return abar
+        cache = self.__dict__.setdefault("_device_tables", {})
+        hit = cache.get(device)
+        if hit is not None and hit[0] is abar and hit[1] == abar._version:
+            return hit[2]
+        copy = abar.to(device=device, dtype=torch.float64)
+        cache[device] = (abar, abar._version, copy)
+        return copy
 
     def snr(self) -> torch.Tensor:
         """Signal-to-noise ratio abar / (1 - abar), float64 (T,)."""

@@ -250,11 +250,12 @@ def test_bad_input_names_the_argument(call, exc, words):
 
 def test_direct_op_bad_input_raises_not_crashes():
     a = SCHED.alphas_cumprod
-    with pytest.raises(RuntimeError, match="alphas_cumprod must be float64"):
+    # typed: a wrong dtype is a TypeError, a wrong shape a ValueError (csrc/host.h, ops/_kernel_checks.py)
+    with pytest.raises(TypeError, match="alphas_cumprod must be float64"):
         op("q_sample")(X, torch.tensor([1, 2]), a.float(), X)
-    with pytest.raises(RuntimeError, match="t must have shape"):
+    with pytest.raises(ValueError, match="t must have shape"):
         op("q_sample")(X, torch.tensor([1]), a, X)
-    with pytest.raises(RuntimeError, match="key must be"):
+    with pytest.raises(TypeError, match="key must be"):
         op("q_sample_rng")(X, torch.tensor([1, 2]), a, torch.tensor([1]), True)
     with pytest.raises(RuntimeError, match="exactly one of noise, key"):
         op("diffusion_loss")(X, X, torch.tensor([1, 2]), a, None, None, torch.ones(2), 0, False)

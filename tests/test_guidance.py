@@ -318,12 +318,12 @@ def test_bad_guidance_arguments_multistep():
 def test_direct_op_call_checks_guidance_arguments():
     x = torch.randn(2, 3, 4)
     t = torch.tensor([5, 6])
-    with pytest.raises(RuntimeError, match="uncond_output"):
+    with pytest.raises(ValueError, match="uncond_output"):
         op("ddpm_step")(x, x, t, t - 1, ABAR, None, None, None, None, 0, 0, 0.0, torch.zeros(2, 3), 2.0, None)
-    with pytest.raises(RuntimeError, match="guidance_factor"):
+    with pytest.raises(TypeError, match="guidance_factor"):
         op("ddim_step")(x, x, t, t - 1, ABAR, None, None, None, 0, 0.0, 0.0, 1.0, False, x, 2.0,
                         torch.ones(2, dtype=torch.float32))
-    with pytest.raises(RuntimeError, match="guidance_scale"):
+    with pytest.raises(ValueError, match="guidance_scale"):
         op("ddim_step")(x, x, t, t - 1, ABAR, None, None, None, 0, 0.0, 0.0, 1.0, False, x, float("nan"), None)
 
 

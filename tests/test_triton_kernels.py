@@ -238,11 +238,11 @@ def test_argument_errors():
     key = torch.tensor([1, 2], dtype=torch.int64).to(DEV)
     with pytest.raises(RuntimeError):
         ft.diffusion_loss(x, x, t, a, None, None, torch.ones(2).to(DEV), 0, False)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(ValueError, match="noise or key"):
         ft.ddpm_step(x, x, t, t - 1, a, None, x, key, None, 0, 0, 0.0)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(ValueError, match="need model_var"):
         ft.ddpm_step(x, x, t, t - 1, a, None, None, None, None, 0, 4, 0.0)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(TypeError, match="t must be int64"):
         ft.q_sample(x, t.int(), a, x)
 
 

@@ -126,8 +126,8 @@ LossArgs prepare_loss(const at::Tensor& model_output, const at::Tensor& x0_in, c
   check_common(x0_in, "x0", t, abar);
   check_same_like(model_output, x0_in, "model_output", "x0");
   check_per_sample_f32(weight, x0_in, "weight");
-  TORCH_CHECK(noise_in.has_value() != key.has_value(), "fastdiff: diffusion_loss needs exactly one of noise, key");
-  TORCH_CHECK(target >= 0 && target <= 2, "fastdiff: target code must be 0, 1 or 2, got ", target);
+  TORCH_CHECK_VALUE(noise_in.has_value() != key.has_value(), "fastdiff: diffusion_loss needs exactly one of noise, key");
+  TORCH_CHECK_VALUE(target >= 0 && target <= 2, "fastdiff: target code must be 0, 1 or 2, got ", target);
   LossArgs a;
   a.x0 = canonical(x0_in);
   a.out = match_layout(model_output, a.x0);

@@ -293,9 +293,9 @@ std::tuple<at::Tensor, at::Tensor> ddpm_step_cpu(const at::Tensor& model_output,
                                                  int64_t variance_type, double clip_range,
                                                  const c10::optional<at::Tensor>& uncond_output, double guidance_scale,
                                                  const c10::optional<at::Tensor>& guidance_factor) {
-  TORCH_CHECK(variance_type >= 0 && variance_type <= 5, "fastdiff: variance_type code must be in 0..5, got ",
+  TORCH_CHECK_VALUE(variance_type >= 0 && variance_type <= 5, "fastdiff: variance_type code must be in 0..5, got ",
               variance_type);
-  TORCH_CHECK(variance_type < kLearned || model_var.has_value(), "fastdiff: learned variance types need model_var");
+  TORCH_CHECK_VALUE(variance_type < kLearned || model_var.has_value(), "fastdiff: learned variance types need model_var");
   const StepArgs s = prepare_step(model_output, sample, t, t_prev, abar, model_var, noise, key, thresh,
                                   prediction_type, uncond_output, guidance_scale, guidance_factor);
   return step_impl<false>(s, abar, prediction_type, variance_type, clip_range, 0.0, 1.0, false, guidance_scale);
@@ -310,7 +310,7 @@ std::tuple<at::Tensor, at::Tensor> ddim_step_cpu(const at::Tensor& model_output,
                                                  bool use_clipped_model_output,
                                                  const c10::optional<at::Tensor>& uncond_output, double guidance_scale,
                                                  const c10::optional<at::Tensor>& guidance_factor) {
-  TORCH_CHECK(eta >= 0.0, "fastdiff: eta must be >= 0, got ", eta);
+  TORCH_CHECK_VALUE(eta >= 0.0, "fastdiff: eta must be >= 0, got ", eta);
   const StepArgs s = prepare_step(model_output, sample, t, t_prev, abar, c10::nullopt, noise, key, thresh,
                                   prediction_type, uncond_output, guidance_scale, guidance_factor);
   return step_impl<true>(s, abar, prediction_type, kFixedSmall, clip_range, eta, final_alpha_cumprod,

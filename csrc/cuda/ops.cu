@@ -535,7 +535,7 @@ void launch(const Op& op, int64_t N, int64_t M, const Plan& p, cudaStream_t stre
 
 // The dispatcher only routes CUDA tensors here; the direct fastdiff._C.*_cuda entry points need the check.
 void check_cuda(const at::Tensor& x, const char* name) {
-  TORCH_CHECK(x.is_cuda(), "fastdiff: ", name, " must be a CUDA tensor for the CUDA kernels, got ", x.device());
+  TORCH_CHECK_VALUE(x.is_cuda(), "fastdiff: ", name, " must be a CUDA tensor for the CUDA kernels, got ", x.device());
 }
 
 template <typename T>
@@ -609,8 +609,8 @@ std::tuple<at::Tensor, at::Tensor> diffusion_loss_cuda(const at::Tensor& model_o
   check_common(x0_in, "x0", t, abar);
   check_same_like(model_output, x0_in, "model_output", "x0");
   check_per_sample_f32(weight, x0_in, "weight");
-  TORCH_CHECK(noise_in.has_value() != key_in.has_value(), "fastdiff: diffusion_loss needs exactly one of noise, key");
-  TORCH_CHECK(target >= 0 && target <= 2, "fastdiff: target code must be 0, 1 or 2, got ", target);
+  TORCH_CHECK_VALUE(noise_in.has_value() != key_in.has_value(), "fastdiff: diffusion_loss needs exactly one of noise, key");
+  TORCH_CHECK_VALUE(target >= 0 && target <= 2, "fastdiff: target code must be 0, 1 or 2, got ", target);
   if (noise_in) check_same_like(*noise_in, x0_in, "noise", "x0");
   if (key_in) check_key(*key_in, x0_in);
   const c10::cuda::CUDAGuard guard(x0_in.device());
@@ -679,8 +679,8 @@ at::Tensor diffusion_loss_backward_cuda(const at::Tensor& grad_loss, const at::T
   check_same_like(model_output, x0_in, "model_output", "x0");
   check_per_sample_f32(weight, x0_in, "weight");
   check_loss_grad(grad_loss, x0_in);
-  TORCH_CHECK(noise_in.has_value() != key_in.has_value(), "fastdiff: diffusion_loss needs exactly one of noise, key");
-  TORCH_CHECK(target >= 0 && target <= 2, "fastdiff: target code must be 0, 1 or 2, got ", target);
+  TORCH_CHECK_VALUE(noise_in.has_value() != key_in.has_value(), "fastdiff: diffusion_loss needs exactly one of noise, key");
+  TORCH_CHECK_VALUE(target >= 0 && target <= 2, "fastdiff: target code must be 0, 1 or 2, got ", target);
   if (noise_in) check_same_like(*noise_in, x0_in, "noise", "x0");
   if (key_in) check_key(*key_in, x0_in);
   const c10::cuda::CUDAGuard guard(x0_in.device());
@@ -760,9 +760,9 @@ std::tuple<at::Tensor, at::Tensor> ddpm_step_cuda(const at::Tensor& model_output
                                                   const c10::optional<at::Tensor>& uncond_output,
                                                   double guidance_scale,
                                                   const c10::optional<at::Tensor>& guidance_factor) {
-  TORCH_CHECK(variance_type >= 0 && variance_type <= 5, "fastdiff: variance_type code must be in 0..5, got ",
+  TORCH_CHECK_VALUE(variance_type >= 0 && variance_type <= 5, "fastdiff: variance_type code must be in 0..5, got ",
               variance_type);
-  TORCH_CHECK(variance_type < kLearned || model_var.has_value(), "fastdiff: learned variance types need model_var");
+  TORCH_CHECK_VALUE(variance_type < kLearned || model_var.has_value(), "fastdiff: learned variance types need model_var");
   check_cuda(sample, "sample");
   const c10::cuda::CUDAGuard guard(sample.device());
   const StepArgs s = prepare_step(model_output, sample, t, t_prev, abar, model_var, noise, key, thresh,
@@ -808,7 +808,7 @@ std::tuple<at::Tensor, at::Tensor> ddim_step_cuda(const at::Tensor& model_output
                                                   const c10::optional<at::Tensor>& uncond_output,
                                                   double guidance_scale,
                                                   const c10::optional<at::Tensor>& guidance_factor) {
-  TORCH_CHECK(eta >= 0.0, "fastdiff: eta must be >= 0, got ", eta);
+  TORCH_CHECK_VALUE(eta >= 0.0, "fastdiff: eta must be >= 0, got ", eta);
   check_cuda(sample, "sample");
   const c10::cuda::CUDAGuard guard(sample.device());
   const StepArgs s = prepare_step(model_output, sample, t, t_prev, abar, c10::nullopt, noise, key, thresh,

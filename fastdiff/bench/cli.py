@@ -2,6 +2,7 @@
 
     fastdiff bench [options]            the operator table (fastdiff.bench.run)
     fastdiff bench train|sample         end-to-end training / sampling (fastdiff.bench.e2e)
+    fastdiff bench host                 host cost per call, tiny tensors, 1 thread (fastdiff.bench.host)
 
 :func:`add_parser` declares it on the ``fastdiff`` subparsers; the
 end-to-end options come from :func:`add_options`, and :func:`run_cli` runs
@@ -43,10 +44,12 @@ def add_parser(sub) -> None:
                "  fastdiff bench --ops group_norm_act --block-shape 128x256x16x16 --batch 32\n"
                "  fastdiff bench --ops unet_step --batch 64 --dtype bf16   # bf16: torch.autocast\n"
                "  fastdiff bench --quick   # seconds-long smoke run")
-    p.add_argument("suite", nargs="?", choices=("ops", "train", "sample", "vae"), default="ops",
+    p.add_argument("suite", nargs="?", choices=("ops", "train", "sample", "vae", "host"), default="ops",
                    help="ops: the fused operators (default); train: the end-to-end DDPM training step, "
                         "sample: DDPM/DDIM sampling, each against diffusers eager / compiled / patched "
-                        "(see the end-to-end options below); vae: AutoencoderKL decode, stock vs patched")
+                        "(see the end-to-end options below); vae: AutoencoderKL decode, stock vs patched; "
+                        "host: the host cost of each call in µs (tiny tensors on the CPU, --threads, default 1) "
+                        "next to torch.add, diffusers and eager baselines")
     p.add_argument("--ops", type=_csv, default=None, metavar="OP[,OP...]",
                    help=f"operators to time (default: all), or the families 'elementwise' and 'blocks'. "
                         f"{ops_help}")
@@ -110,6 +113,8 @@ def _cmd_bench(args) -> int:
     if args.suite == "vae":  # fastdiff.bench.vae: AutoencoderKL decode, stock vs fastdiff.nn.patch
         from .vae import run_cli as vae_cli
         return vae_cli(args)
+    if args.suite == "host":
+        return _cmd_host(args)
     if args.suite != "ops":
         return run_cli(args.suite, args)
 
@@ -153,6 +158,29 @@ def _cmd_bench(args) -> int:
         log(f"results written to {args.json}")
     if args.plot:
         print(B.plot(rows, args.plot), file=sys.stderr)
+    return 0
+
+
+def _cmd_host(args) -> int:
+    """``fastdiff bench host``: the host-cost rows (fastdiff.bench.host), --shape (one), --threads (default 1),
+    --quick, --json."""
+    from .host import format_host_table, run_host
+
+    try:
+        shape = B.parse_shape(args.shape[0]) if args.shape else None
+    except ValueError as e:
+        print(f"fastdiff bench host: error: {e}", file=sys.stderr)
+        return 2
+    log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    kw = {"shape": shape} if shape else {}
+    rows = run_host(quick=args.quick, threads=args.threads or 1, log=log, **kw)
+    print(f"fastdiff bench host on CPU {B.cpu_model()}; torch {torch.__version__}\n")
+    print(format_host_table(rows))
+    if args.json:
+        meta = B.metadata("cpu", None, suite="host", quick=args.quick, argv=sys.argv[1:])
+        with open(args.json, "w") as f:
+            json.dump(B.to_json(rows, meta), f, indent=1, default=str)
+        log(f"results written to {args.json}")
     return 0
 
 

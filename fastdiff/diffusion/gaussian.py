@@ -26,7 +26,8 @@ from torch import nn
 from .. import ops as _ops
 from ..ops.multistep import multistep_step as _multistep_step
 from . import multistep_tables as _tb
-from ..ops._codes import PREDICTION
+from ..ops import direct as _direct
+from ..ops._codes import PREDICTION, VARIANCE
 from ..schedule import SCHEDULES, SPACINGS, WEIGHTINGS, NoiseSchedule
 
 Tensor = torch.Tensor
@@ -35,6 +36,7 @@ MULTISTEP_METHODS = ("dpmsolver++", "unipc", "euler", "euler_ancestral")
 METHODS = ("ddpm", "ddim") + MULTISTEP_METHODS
 VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned_range")
 _LN2 = math.log(2.0)
+_VARIANCE_CODES = {v: VARIANCE.index(v) for v in VARIANCE_TYPES}
 
 # Float64 tables held as buffers; _apply keeps them float64 under .to(dtype) / .half().
 _TABLES = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "posterior_variance",
@@ -366,7 +368,8 @@ class GaussianDiffusion(nn.Module):
             t = torch.randint(0, self.num_timesteps, (n,), generator=generator, device=gdev).to(dev)
         else:
             t = self._timesteps(t, n, dev)
-        sched = self.schedule
+        # x0 and t are checked above, once: the rest runs on the checked-once path (fastdiff.ops.direct)
+        abar = self.alphas_cumprod
         key = _ops.draw_key(generator, dev).to(dev)
         cond = self._condition(n, dev, class_labels, context, default_null=True)
         if cond and self.training and self.cond_drop_prob > 0 and (class_labels is not None or context is not None):
@@ -374,11 +377,13 @@ class GaussianDiffusion(nn.Module):
             drop = torch.rand(n, generator=generator, device=gdev).to(dev) < self.cond_drop_prob
             null = self._null(cond)
             cond = {k: torch.where(drop.reshape((n,) + (1,) * (v.dim() - 1)), null[k], v) for k, v in cond.items()}
-        x_t, _ = _ops.q_sample(x0, t, sched, key=key, return_noise=False)
+        x_t, _ = _direct.q_sample_key(x0, t, abar, key, False)
         out = self._call(self.model, x_t, t, cond=cond)
         pred, var = self._split(out, x0.shape[1])
-        loss = _ops.diffusion_loss(pred, x0, t, sched, key=key, target=self.target, weighting=self.weighting,
-                                   snr_gamma=self.snr_gamma, reduction="none")
+        w = _direct.loss_weights(abar, t, self.weighting, self.target, self.snr_gamma)
+        # the gradient stored by the forward on a CPU, recomputed in the backward on a GPU (as diffusion_loss)
+        loss = _direct.diffusion_loss(pred, x0, t, abar, w, PREDICTION.index(self.target), key=key,
+                                      store_grad=dev.type == "cpu")
         if var is not None:
             vb = self._vb_terms(x0, x_t, t, torch.cat([pred.detach(), var], 1))
             loss = loss + (self.num_timesteps / 1000.0) * vb.to(loss.dtype)
@@ -632,6 +637,7 @@ class GaussianDiffusion(nn.Module):
         abar = self.alphas_cumprod.to(device)
         model_fn = self._model_fn(compile_model)
         in_dtype = self._model_dtype()
+        clip = float(self.clip_sample_range) if self.clip_sample else 0.0
 
         if cuda_graph is None:
             cuda_graph = (device.type == "cuda" and not compile_model
@@ -645,9 +651,9 @@ class GaussianDiffusion(nn.Module):
             final_x0 = False
         else:
             def step(x, t, tp, key):
-                common = dict(t_prev=tp, prediction_type=self.target, clip_sample=self.clip_sample,
-                              clip_sample_range=self.clip_sample_range, key=key)
-                if guided:
+                if guided:  # the public ops: they check and prepare the guidance arguments
+                    common = dict(t_prev=tp, prediction_type=self.target, clip_sample=self.clip_sample,
+                                  clip_sample_range=self.clip_sample_range, key=key)
                     out, out_u = self._call_guided(model_fn, x, t, in_dtype, cond)
                     if method == "ddpm":
                         return _ops.ddpm_step(out, t, x, abar, variance_type=self.variance_type, uncond_output=out_u,
@@ -656,10 +662,14 @@ class GaussianDiffusion(nn.Module):
                                           final_alpha_cumprod=1.0, uncond_output=self._split(out_u, x.shape[1])[0],
                                           **guide, **common)
                 out = self._call(model_fn, x, t, in_dtype, cond)
+                common = dict(prediction=PREDICTION.index(self.target), clip=clip,
+                              variance=_VARIANCE_CODES[self.variance_type])
+                pred, var = self._split(out, x.shape[1])
+                # t/tp/key/abar were laid out (and checked) once before the loop: the checked-once path
                 if method == "ddpm":
-                    return _ops.ddpm_step(out, t, x, abar, variance_type=self.variance_type, **common)
-                pred, _ = self._split(out, x.shape[1])
-                return _ops.ddim_step(pred, t, x, abar, eta=float(eta), final_alpha_cumprod=1.0, **common)
+                    return _direct.ddpm_step(pred, x, t, tp, abar, model_var=var, key=key, **common)
+                return _direct.ddim_step(pred, x, t, tp, abar, eta=float(eta), final_alpha_cumprod=1.0, key=key,
+                                         **{k: v for k, v in common.items() if k != "variance"})
 
         traj = [(x if view is None else view(-1, x)).clone()] if return_trajectory else None
         result = None

@@ -86,6 +86,8 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, Sch
 from diffusers.utils.torch_utils import randn_tensor
 
 from .. import ops
+from ..ops import _guidance
+from ..ops import direct as _direct
 from ..schedule import NoiseSchedule, rescale_zero_terminal_snr
 
 __all__ = ["FusedDDPMScheduler", "FusedDDIMScheduler"]
@@ -141,6 +143,14 @@ def build_noise_schedule(num_train_timesteps, beta_start, beta_end, beta_schedul
                          f"{e}") from e
 
 
+def _flag(value, name: str) -> bool:
+    """A bool argument (a Python/numpy bool, or 0/1). Pipelines pass None for "not set": call it as
+    ``False if v is None else _flag(v, name)`` where that is allowed."""
+    if isinstance(value, (bool, np.bool_)) or (isinstance(value, (int, np.integer)) and value in (0, 1)):
+        return bool(value)
+    raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+
+
 def _check_choice(value, choices, name):
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
@@ -186,6 +196,11 @@ class _FusedScheduler(SchedulerMixin, ConfigMixin):
         #: draw the step noise inside the kernel (Philox) instead of with randn_tensor
         self.kernel_noise = False
         self._schedules = {}
+        self._zero_keys = {}
+        # what step() passes to the kernel, worked out once
+        self._pred_code = PREDICTION_TYPES.index(cfg.prediction_type)
+        self._var_code = 0
+        self._clip = float(cfg.clip_sample_range) if cfg.clip_sample and not cfg.thresholding else 0.0
         self._set_chain(None)
 
     # ------------------------------------------------------------ chain -----
@@ -203,6 +218,52 @@ class _FusedScheduler(SchedulerMixin, ConfigMixin):
             prev[ts] = torch.cat([ts[1:], ts.new_tensor([-1])])
         self._prev = prev
         self._prev_on = {}
+        self._prev_list = prev.tolist()  # host lookups without tensor ops
+        self._step_t = {}  # (t, n, device) -> (t, t_prev) int64 (n,) tensors, made once per chain
+
+    def _abar_on(self, device: torch.device) -> torch.Tensor:
+        """The float64 abar table on ``device`` (cached by the schedule)."""
+        return self.schedule.alphas_cumprod_on(device)
+
+    def _step_timesteps(self, timestep, sample: torch.Tensor):
+        """(t, t_prev, t values or None) for a step: int64 (N,) tensors on
+        sample's device. A host timestep (an int, or a 0-d / one-element CPU
+        tensor, as pipelines pass) is looked up in the chain once and the
+        tensors are cached for the chain (set_timesteps resets the cache);
+        other forms are checked and converted each call; a GPU timestep is
+        gathered on the device (no host sync)."""
+        n, dev = sample.shape[0], sample.device
+        v = None
+        if isinstance(timestep, torch.Tensor):
+            if timestep.device.type == "cpu" and timestep.numel() == 1 and timestep.dim() <= 1 and \
+                    not timestep.is_floating_point() and not timestep.is_complex() and \
+                    timestep.dtype != torch.bool and not torch.compiler.is_compiling():
+                v = int(timestep.item())
+        elif isinstance(timestep, (int, np.integer)) and not isinstance(timestep, bool):
+            v = int(timestep)
+        if v is not None:
+            hit = self._step_t.get((v, n, dev))
+            if hit is not None:
+                return hit[0], hit[1], [v] * n
+            T = self.config.num_train_timesteps
+            if not 0 <= v < T:
+                raise ValueError(f"timestep={v} is out of range [0, {T})")
+            prev = self._prev_list[v]
+            if prev == T:
+                raise ValueError(f"timestep {[v]} is not in the scheduler's chain (scheduler.timesteps, set by "
+                                 f"set_timesteps): {self.timesteps.tolist()}")
+            t = torch.full((n,), v, dtype=torch.int64, device=dev)
+            tp = torch.full((n,), prev, dtype=torch.int64, device=dev)
+            if len(self._step_t) > 4096:
+                self._step_t.clear()
+            self._step_t[(v, n, dev)] = (t, tp)
+            return t, tp, [v] * n
+        t = self._timestep_tensor(timestep, n)
+        t_prev = self._prev_timestep(t)
+        T = self.config.num_train_timesteps
+        tt, vals = _direct.timesteps(t, n, dev, T)
+        tp, _ = _direct.timesteps(t_prev, n, dev, T + 1, "t_prev", allow_final=True)
+        return tt, tp, vals
 
     def _schedule_on(self, device: torch.device) -> NoiseSchedule:
         s = self._schedules.get(device)
@@ -275,6 +336,15 @@ class _FusedScheduler(SchedulerMixin, ConfigMixin):
         """
         cfg = self.config
         T = cfg.num_train_timesteps
+        if device is not None:
+            if isinstance(device, bool) or not isinstance(device, (str, int, torch.device)):
+                raise TypeError(f"device must be a torch.device, a str or an int, got {type(device).__name__}")
+            try:
+                device = torch.device(device)
+            except RuntimeError as e:
+                raise ValueError(f"device: {e}") from e
+            if device.type == "cuda" and not torch.cuda.is_available():
+                raise ValueError(f"device {device} is not available (no CUDA device)")
         if (num_inference_steps is None) == (timesteps is None):
             raise ValueError("set_timesteps needs exactly one of num_inference_steps or timesteps")
         if timesteps is not None:
@@ -304,10 +374,32 @@ class _FusedScheduler(SchedulerMixin, ConfigMixin):
 
     # ------------------------------------------------------------ noise -----
     def _check_step_args(self, model_output, sample, generator, variance_noise, key) -> None:
-        if not isinstance(sample, torch.Tensor) or sample.dim() < 1:
-            raise TypeError("sample must be a torch.Tensor of shape (N, ...)")
+        """The edge checks of step(); the fused kernel checks the tensors' dtypes, shapes and devices."""
+        if not isinstance(sample, torch.Tensor):
+            raise TypeError(f"sample must be a torch.Tensor of shape (N, ...), got {type(sample).__name__}")
+        if sample.dim() < 1:
+            raise ValueError("sample must have a batch dimension (shape (N, ...)), got a scalar")
+        if not sample.is_floating_point():
+            raise TypeError(f"sample must be float32, float16, bfloat16 or float64, got {sample.dtype}")
         if not isinstance(model_output, torch.Tensor):
             raise TypeError(f"model_output must be a torch.Tensor, got {type(model_output).__name__}")
+        if variance_noise is not None:
+            if not isinstance(variance_noise, torch.Tensor):
+                raise TypeError(f"variance_noise must be a torch.Tensor, got {type(variance_noise).__name__}")
+            if variance_noise.shape != sample.shape or variance_noise.dtype != sample.dtype or \
+                    variance_noise.device != sample.device:
+                raise ValueError(f"variance_noise must have sample's shape, dtype and device "
+                                 f"({tuple(sample.shape)}, {sample.dtype}, {sample.device}), got "
+                                 f"({tuple(variance_noise.shape)}, {variance_noise.dtype}, {variance_noise.device})")
+        if key is not None and (not isinstance(key, torch.Tensor) or key.shape != (2,) or key.dtype != torch.int64):
+            raise TypeError("key must be an int64 tensor of shape (2,) ([seed, offset]); make one with "
+                            "fastdiff.draw_key()")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            if not isinstance(generator, list) or not all(isinstance(g, torch.Generator) for g in generator):
+                raise TypeError(f"generator must be a torch.Generator or a list of them, got {generator!r}")
+            if len(generator) != sample.shape[0]:
+                raise ValueError(f"generator: a list needs one torch.Generator per sample ({sample.shape[0]}), got "
+                                 f"{len(generator)}")
         if variance_noise is not None and (generator is not None or key is not None):
             raise ValueError("pass either variance_noise or generator/key, not both")
         if key is not None and generator is not None:
@@ -322,7 +414,7 @@ class _FusedScheduler(SchedulerMixin, ConfigMixin):
         if variance_noise is not None:
             return variance_noise, None
         if key is not None:
-            return None, key
+            return None, key if key.device == sample.device else key.to(sample.device)
         if not needed:
             return None, None
         if self.kernel_noise:
@@ -330,6 +422,26 @@ class _FusedScheduler(SchedulerMixin, ConfigMixin):
                 raise ValueError("kernel_noise needs a single torch.Generator (or None), not a list of generators")
             return None, ops.draw_key(generator, sample.device if generator is None else None)
         return randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype), None
+
+    def _guidance_args(self, model_output, uncond_output, guidance_scale, guidance_rescale, sample):
+        """The checked (uncond, w, factor) of classifier-free guidance for the step op; with a learned
+        variance (2C channels) only uncond_output's first C channels are read, like model_output's."""
+        if uncond_output is not None and self._var_code >= 4 and isinstance(uncond_output, torch.Tensor):
+            uncond_output = self._split_variance(uncond_output, sample)[0]
+        return _guidance.prepare(model_output, uncond_output, guidance_scale, guidance_rescale)
+
+    def _thresh(self, model_output: torch.Tensor, sample: torch.Tensor, t: torch.Tensor):
+        """The per-sample dynamic-thresholding bound when thresholding is on (an extra pass), else None."""
+        cfg = self.config
+        if not cfg.thresholding:
+            return None
+        for name, x in (("model_output", model_output), ("sample", sample)):
+            if x.shape != sample.shape or x.dtype != sample.dtype or x.device != sample.device or \
+                    not x.is_floating_point():
+                raise ValueError(f"{name} must be a float tensor of sample's shape, dtype and device "
+                                 f"({tuple(sample.shape)}, {sample.dtype}, {sample.device})")
+        return _direct.threshold(model_output, sample, t, self._abar_on(sample.device), self._pred_code,
+                                 float(cfg.dynamic_thresholding_ratio), float(cfg.sample_max_value))
 
     # -------------------------------------------------- forward process -----
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
@@ -345,8 +457,16 @@ class _FusedScheduler(SchedulerMixin, ConfigMixin):
         applied in float32 (float64 for float64 data), so float16/bfloat16
         samples get their noise at small t (diffusers' add_noise drops it).
         """
-        t = self._timestep_tensor(timesteps, original_samples.shape[0] if original_samples.dim() else 1, "timesteps")
-        return ops.q_sample(original_samples, t, self._schedule_on(original_samples.device), noise=noise)[0]
+        x0 = original_samples
+        if not isinstance(x0, torch.Tensor) or not x0.is_floating_point() or x0.dim() < 1:
+            raise TypeError("original_samples must be a floating-point torch.Tensor of shape (N, ...), got "
+                            + (f"{x0.dtype} {tuple(x0.shape)}" if isinstance(x0, torch.Tensor) else type(x0).__name__))
+        if not isinstance(noise, torch.Tensor):
+            raise TypeError(f"noise must be a torch.Tensor, got {type(noise).__name__}")
+        n, dev = x0.shape[0], x0.device
+        t = self._timestep_tensor(timesteps, n, "timesteps")
+        t, _ = _direct.timesteps(t, n, dev, self.config.num_train_timesteps, "timesteps")
+        return _direct.q_sample_noise(x0, t, self._abar_on(dev), noise)
 
     def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
         """The v-prediction target v = sqrt(abar_t) noise - sqrt(1 - abar_t) sample.
@@ -414,6 +534,7 @@ class FusedDDPMScheduler(_FusedScheduler):
         self.variance_type = "fixed_small" if variance_type is None else variance_type
         _check_choice(self.variance_type, VARIANCE_TYPES, "variance_type")
         self._setup(self.config)
+        self._var_code = VARIANCE_TYPES.index(self.variance_type)
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator: Generator = None,
              return_dict: bool = True, *, variance_noise: Optional[torch.Tensor] = None,
@@ -451,28 +572,39 @@ class FusedDDPMScheduler(_FusedScheduler):
             Samples at t = 0 get no noise.
         """
         self._check_step_args(model_output, sample, generator, variance_noise, key)
-        t = self._timestep_tensor(timestep, sample.shape[0])
-        t_prev = self._prev_timestep(t)
+        t, t_prev, tv = self._step_timesteps(timestep, sample)
         # diffusers draws noise only when t > 0; reading a GPU timestep would sync, so there we always draw
         # (the kernel adds none where t = 0)
-        needed = t.device.type != "cpu" or bool((t > 0).any())
+        needed = tv is None or any(v > 0 for v in tv)
         noise, k = self._noise(sample, generator, variance_noise, key, needed)
         if noise is None and k is None:
             k = self._zero_key(sample.device)  # t = 0 everywhere: the kernel adds no noise; keep the RNG untouched
-        cfg = self.config
-        prev, x0 = ops.ddpm_step(
-            model_output, t, sample, self._schedule_on(sample.device), t_prev=t_prev,
-            prediction_type=cfg.prediction_type, variance_type=self.variance_type,
-            clip_sample=bool(cfg.clip_sample and not cfg.thresholding), clip_sample_range=cfg.clip_sample_range,
-            thresholding=bool(cfg.thresholding), dynamic_thresholding_ratio=cfg.dynamic_thresholding_ratio,
-            sample_max_value=cfg.sample_max_value, noise=noise, key=k, uncond_output=uncond_output,
-            guidance_scale=guidance_scale, guidance_rescale=guidance_rescale)
-        if not return_dict:
+        model_output, model_var = self._split_variance(model_output, sample)
+        g = self._guidance_args(model_output, uncond_output, guidance_scale, guidance_rescale, sample)
+        prev, x0 = _direct.ddpm_step(model_output, sample, t, t_prev, self._abar_on(sample.device),
+                                     prediction=self._pred_code, variance=self._var_code, clip=self._clip,
+                                     model_var=model_var, noise=noise, key=k,
+                                     thresh=self._thresh(_guidance.guided_like(model_output, g), sample, t),
+                                     guidance=g)
+        if not _flag(return_dict, "return_dict"):
             return prev, x0
         return DDPMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
 
     def _zero_key(self, device):
-        return torch.zeros(2, dtype=torch.int64, device=device)
+        k = self._zero_keys.get(device)
+        if k is None:
+            k = self._zero_keys[device] = torch.zeros(2, dtype=torch.int64, device=device)
+        return k
+
+    def _split_variance(self, model_output: torch.Tensor, sample: torch.Tensor):
+        """(prediction, variance values or None): the learned variance types read 2C channels."""
+        if self._var_code < 4:
+            return model_output, None
+        if model_output.dim() < 2 or sample.dim() < 2 or model_output.shape[1] != 2 * sample.shape[1]:
+            raise ValueError(f"variance_type={self.variance_type!r} needs model_output with twice sample's "
+                             f"channels, got {tuple(model_output.shape)} for sample {tuple(sample.shape)}")
+        mo, mv = model_output.split(sample.shape[1], dim=1)
+        return mo, mv
 
     def _get_variance(self, t, predicted_variance: Optional[torch.Tensor] = None,
                       variance_type: Optional[str] = None) -> torch.Tensor:
@@ -569,22 +701,25 @@ class FusedDDIMScheduler(_FusedScheduler):
             tuple ``(prev_sample, pred_original_sample)``, both like sample.
         """
         self._check_step_args(model_output, sample, generator, variance_noise, key)
+        if isinstance(eta, bool) or not isinstance(eta, (int, float, np.floating, np.integer)):
+            raise TypeError(f"eta must be a float, got {type(eta).__name__}")
         eta = float(eta)
-        if not eta >= 0:
-            raise ValueError(f"eta must be >= 0, got {eta}")
-        t = self._timestep_tensor(timestep, sample.shape[0])
-        t_prev = self._prev_timestep(t)
+        if not (eta >= 0 and math.isfinite(eta)):
+            raise ValueError(f"eta must be a finite number >= 0, got {eta}")
+        t, t_prev, _ = self._step_timesteps(timestep, sample)
         noise, k = self._noise(sample, generator, variance_noise, key, needed=eta > 0)
-        cfg = self.config
-        prev, x0 = ops.ddim_step(
-            model_output, t, sample, self._schedule_on(sample.device), t_prev=t_prev, eta=eta,
-            prediction_type=cfg.prediction_type, clip_sample=bool(cfg.clip_sample and not cfg.thresholding),
-            clip_sample_range=cfg.clip_sample_range, thresholding=bool(cfg.thresholding),
-            dynamic_thresholding_ratio=cfg.dynamic_thresholding_ratio, sample_max_value=cfg.sample_max_value,
-            final_alpha_cumprod=self._final_abar, use_clipped_model_output=bool(use_clipped_model_output),
-            noise=noise if eta > 0 else None, key=k if eta > 0 else None, uncond_output=uncond_output,
-            guidance_scale=guidance_scale, guidance_rescale=guidance_rescale)
-        if not return_dict:
+        # pipelines pass None for "not set"
+        clipped = False if use_clipped_model_output is None else _flag(use_clipped_model_output,
+                                                                         "use_clipped_model_output")
+        g = self._guidance_args(model_output, uncond_output, guidance_scale, guidance_rescale, sample)
+        prev, x0 = _direct.ddim_step(model_output, sample, t, t_prev, self._abar_on(sample.device),
+                                     prediction=self._pred_code, clip=self._clip, eta=eta,
+                                     final_alpha_cumprod=self._final_abar,
+                                     use_clipped_model_output=clipped,
+                                     noise=noise if eta > 0 else None, key=k if eta > 0 else None,
+                                     thresh=self._thresh(_guidance.guided_like(model_output, g), sample, t),
+                                     guidance=g)
+        if not _flag(return_dict, "return_dict"):
             return prev, x0
         return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
 

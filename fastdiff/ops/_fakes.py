@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from . import _kernel_checks as KC
 from ._layout import attn_empty, empty_canonical, gn_empty_like, gn_stat_dtype
 from ._schemas import NAMESPACE
 
@@ -27,16 +28,19 @@ def _f(name):
 
 @torch.library.register_fake(_f("q_sample"))
 def _q_sample_fake(x0, t, alphas_cumprod, noise):
+    KC.check_q_sample(x0, t, alphas_cumprod, noise=noise)
     return empty_canonical(x0)
 
 
 @torch.library.register_fake(_f("q_sample_rng"))
 def _q_sample_rng_fake(x0, t, alphas_cumprod, key, return_noise):
+    KC.check_q_sample(x0, t, alphas_cumprod, key=key)
     return empty_canonical(x0), (empty_canonical(x0) if return_noise else x0.new_empty(0))
 
 
 @torch.library.register_fake(_f("diffusion_loss"))
 def _loss_fake(model_output, x0, t, alphas_cumprod, noise, key, weight, target, need_grad):
+    KC.check_loss(model_output, x0, t, alphas_cumprod, noise, key, weight, target)
     per = x0.new_empty((x0.shape[0],), dtype=torch.float64 if x0.dtype == torch.float64 else torch.float32)
     return per, (empty_canonical(x0) if need_grad else x0.new_empty(0))
 
@@ -49,6 +53,8 @@ def _loss_bwd_fake(grad_loss, model_output, x0, t, alphas_cumprod, noise, key, w
 @torch.library.register_fake(_f("ddpm_step"))
 def _ddpm_fake(model_output, sample, t, t_prev, alphas_cumprod, model_var, noise, key, thresh, prediction_type,
                variance_type, clip_range, uncond_output=None, guidance_scale=1.0, guidance_factor=None):
+    KC.check_ddpm(model_output, sample, t, t_prev, alphas_cumprod, model_var, noise, key, thresh, prediction_type,
+                  variance_type)
     return empty_canonical(sample), empty_canonical(sample)
 
 
@@ -56,6 +62,7 @@ def _ddpm_fake(model_output, sample, t, t_prev, alphas_cumprod, model_var, noise
 def _ddim_fake(model_output, sample, t, t_prev, alphas_cumprod, noise, key, thresh, prediction_type, clip_range, eta,
                final_alpha_cumprod, use_clipped_model_output, uncond_output=None, guidance_scale=1.0,
                guidance_factor=None):
+    KC.check_ddim(model_output, sample, t, t_prev, alphas_cumprod, noise, key, thresh, prediction_type, eta)
     return empty_canonical(sample), empty_canonical(sample)
 
 
@@ -140,12 +147,14 @@ torch.library.register_autograd(_f("diffusion_loss"), _loss_backward, setup_cont
 # ------------------------------------------------- U-Net block operators ----
 @torch.library.register_fake(_f("group_norm_act"))
 def _gn_fake(x, weight, bias, add, scale, shift, groups, eps, silu):
+    KC.gn_check(x, weight, bias, add, scale, shift, groups)
     sd = gn_stat_dtype(x)
     return gn_empty_like(x), x.new_empty((x.shape[0], groups), dtype=sd), x.new_empty((x.shape[0], groups), dtype=sd)
 
 
 @torch.library.register_fake(_f("group_norm_act_backward"))
 def _gn_bwd_fake(grad_y, x, weight, bias, add, scale, shift, mean, rstd, groups, silu):
+    KC.gn_check(x, weight, bias, add, scale, shift, groups, grad_y, mean, rstd)
     sd = gn_stat_dtype(x)
 
     def like(v):

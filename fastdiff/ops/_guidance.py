@@ -92,6 +92,15 @@ def guided(model_output: torch.Tensor, uncond: Optional[torch.Tensor], w: float,
     return g
 
 
+def guided_like(model_output: torch.Tensor, guidance: tuple) -> torch.Tensor:
+    """model_output, or (for a pre-pass such as dynamic thresholding) the
+    guided prediction of the checked ``guidance = (uncond, w, factor)`` in
+    model_output's dtype."""
+    if guidance[0] is None:
+        return model_output
+    return guided(model_output, *guidance).to(model_output.dtype)
+
+
 def classifier_free_guidance(cond: torch.Tensor, uncond: torch.Tensor, guidance_scale: float,
                              guidance_rescale: float = 0.0) -> torch.Tensor:
     """The guided prediction uncond + w (cond - uncond) (rescaled when
@@ -105,18 +114,20 @@ def classifier_free_guidance(cond: torch.Tensor, uncond: torch.Tensor, guidance_
 
 
 def check_op_args(model_output, uncond_output, guidance_scale, guidance_factor) -> None:
-    """The kernels' own checks (RuntimeError), for direct torch.ops calls."""
+    """The kernels' own checks of the guidance inputs (csrc/host.h
+    check_guidance: same types and messages), for direct torch.ops calls."""
+    from . import _kernel_checks as KC
+
     if uncond_output is not None:
-        if (uncond_output.shape != model_output.shape or uncond_output.dtype != model_output.dtype
-                or uncond_output.device != model_output.device):
-            raise RuntimeError(f"fastdiff: uncond_output must match model_output ({model_output.dtype} "
-                               f"{tuple(model_output.shape)} on {model_output.device}), got {uncond_output.dtype} "
-                               f"{tuple(uncond_output.shape)} on {uncond_output.device}")
+        KC.check_same_like(uncond_output, model_output, "uncond_output", "model_output")
     if not math.isfinite(float(guidance_scale)):
-        raise RuntimeError(f"fastdiff: guidance_scale must be finite, got {guidance_scale}")
+        raise ValueError(f"fastdiff: guidance_scale must be finite, got {KC.cpp_float(guidance_scale)}")
     if guidance_factor is not None:
         n = model_output.shape[0]
-        if (guidance_factor.dtype != torch.float64 or tuple(guidance_factor.shape) != (n,)
-                or guidance_factor.device != model_output.device):
-            raise RuntimeError(f"fastdiff: guidance_factor must be a float64 tensor of shape ({n},) on "
-                               f"{model_output.device}")
+        if guidance_factor.dtype != torch.float64:
+            raise TypeError(f"fastdiff: guidance_factor must be float64, got {KC.cpp_dtype(guidance_factor.dtype)}")
+        if guidance_factor.dim() != 1 or guidance_factor.shape[0] != n:
+            raise ValueError(f"fastdiff: guidance_factor must have shape ({n},), got {KC.cpp_sizes(guidance_factor)}")
+        if guidance_factor.device != model_output.device:
+            raise ValueError(f"fastdiff: guidance_factor must be on {model_output.device}, got "
+                             f"{guidance_factor.device}")

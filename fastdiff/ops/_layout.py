@@ -86,29 +86,5 @@ def attn_empty(B: int, H: int, L: int, D: int, like: torch.Tensor) -> torch.Tens
     return torch.empty((B, L, H, D), dtype=like.dtype, device=like.device).transpose(1, 2)
 
 
-def gn_check(x, weight, bias, add, scale, shift, groups, grad_y=None, mean=None, rstd=None) -> None:
-    """The argument checks of the GroupNorm ops for the Python kernels
-    (csrc/blocks.h holds the same for the C++ ones); raises RuntimeError."""
-    if x.dim() < 2:
-        raise RuntimeError(f"fastdiff: x must have shape (N, C, *spatial), got {tuple(x.shape)}")
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        raise RuntimeError(f"fastdiff: x must be float32, float16, bfloat16 or float64, got {x.dtype}")
-    N, C = x.shape[:2]
-    if groups < 1 or C % groups:
-        raise RuntimeError(f"fastdiff: groups={groups} must be positive and divide the number of channels C={C}")
-    if N and x.numel() == 0:
-        raise RuntimeError(f"fastdiff: x has no elements per group (shape {tuple(x.shape)})")
-    sd = gn_stat_dtype(x)
-    for name, v, shape in (("weight", weight, (C,)), ("bias", bias, (C,)), ("add", add, (N, C)),
-                           ("scale", scale, (N, C)), ("shift", shift, (N, C))):
-        if v is None:
-            continue
-        if v.dtype != sd or tuple(v.shape) != shape or v.device != x.device:
-            raise RuntimeError(f"fastdiff: {name} must be a {sd} tensor of shape {shape} on {x.device}, got "
-                               f"{v.dtype} {tuple(v.shape)} on {v.device}")
-    if grad_y is not None and (grad_y.shape != x.shape or grad_y.dtype != x.dtype or grad_y.device != x.device):
-        raise RuntimeError(f"fastdiff: grad_y must match x ({x.dtype} {tuple(x.shape)}), got {grad_y.dtype} "
-                           f"{tuple(grad_y.shape)}")
-    for name, s in (("mean", mean), ("rstd", rstd)):
-        if s is not None and (s.dtype != sd or tuple(s.shape) != (N, groups) or s.device != x.device):
-            raise RuntimeError(f"fastdiff: {name} must be a {sd} tensor of shape {(N, groups)} on {x.device}")
+# The GroupNorm argument checks of the Python kernels live with the other kernel-level checks.
+from ._kernel_checks import gn_check  # noqa: E402,F401

@@ -10,7 +10,8 @@ import torch
 from .. import reference as ref
 from ..reference import blocks as refb
 from ._codes import PREDICTION, VARIANCE
-from ._layout import attn_empty, canonical, empty_canonical, gn_check, gn_empty_like, gn_stat_dtype
+from . import _kernel_checks as KC
+from ._layout import attn_empty, canonical, empty_canonical, gn_empty_like, gn_stat_dtype
 
 
 def _out(primary: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -37,6 +38,11 @@ def _noise(primary, key):
 
 
 def q_sample(x0, t, alphas_cumprod, noise):
+    KC.check_q_sample(x0, t, alphas_cumprod, noise=noise)
+    return _q_sample(x0, t, alphas_cumprod, noise)
+
+
+def _q_sample(x0, t, alphas_cumprod, noise):
     T = alphas_cumprod.shape[0]
     tc = t.clamp(0, T - 1)
     v = _nan_invalid(ref.q_sample(x0, tc, alphas_cumprod, noise).to(torch.float64), _valid_t(t, T))
@@ -44,15 +50,19 @@ def q_sample(x0, t, alphas_cumprod, noise):
 
 
 def q_sample_rng(x0, t, alphas_cumprod, key, return_noise):
+    KC.check_q_sample(x0, t, alphas_cumprod, key=key)
     z = _noise(x0, key)
-    xt = q_sample(x0, t, alphas_cumprod, z)
+    xt = _q_sample(x0, t, alphas_cumprod, z)
     nz = _out(x0, z) if return_noise else x0.new_empty(0)
     return xt, nz
 
 
 def diffusion_loss(model_output, x0, t, alphas_cumprod, noise, key, weight, target, need_grad):
-    if (noise is None) == (key is None):
-        raise RuntimeError("fastdiff: diffusion_loss needs exactly one of noise, key")
+    KC.check_loss(model_output, x0, t, alphas_cumprod, noise, key, weight, target)
+    return _loss(model_output, x0, t, alphas_cumprod, noise, key, weight, target, need_grad)
+
+
+def _loss(model_output, x0, t, alphas_cumprod, noise, key, weight, target, need_grad):
     T = alphas_cumprod.shape[0]
     z = noise if noise is not None else _noise(x0, key)
     per, grad = ref.diffusion_loss(model_output, x0, t.clamp(0, T - 1), alphas_cumprod, z, weight,
@@ -65,9 +75,11 @@ def diffusion_loss(model_output, x0, t, alphas_cumprod, noise, key, weight, targ
 
 
 def diffusion_loss_backward(grad_loss, model_output, x0, t, alphas_cumprod, noise, key, weight, target):
+    KC.check_loss(model_output, x0, t, alphas_cumprod, noise, key, weight, target)
+    KC.check_loss_grad(grad_loss, x0)
     # grad_loss_n * d loss_n / d out = the gradient of the loss with weights w_n * grad_loss_n (float64, one rounding)
     w = weight.to(torch.float64) * grad_loss.to(device=weight.device, dtype=torch.float64)
-    return diffusion_loss(model_output, x0, t, alphas_cumprod, noise, key, w, target, True)[1]
+    return _loss(model_output, x0, t, alphas_cumprod, noise, key, w, target, True)[1]
 
 
 def _guided(model_output, uncond_output, guidance_scale, guidance_factor):
@@ -84,6 +96,8 @@ def _guided(model_output, uncond_output, guidance_scale, guidance_factor):
 def ddpm_step(model_output, sample, t, t_prev, alphas_cumprod, model_var, noise, key, thresh,
               prediction_type, variance_type, clip_range, uncond_output=None, guidance_scale=1.0,
               guidance_factor=None):
+    KC.check_ddpm(model_output, sample, t, t_prev, alphas_cumprod, model_var, noise, key, thresh, prediction_type,
+                  variance_type)
     model_output = _guided(model_output, uncond_output, guidance_scale, guidance_factor)
     T = alphas_cumprod.shape[0]
     z = noise if noise is not None else (_noise(sample, key) if key is not None else None)
@@ -99,6 +113,7 @@ def ddpm_step(model_output, sample, t, t_prev, alphas_cumprod, model_var, noise,
 def ddim_step(model_output, sample, t, t_prev, alphas_cumprod, noise, key, thresh, prediction_type, clip_range,
               eta, final_alpha_cumprod, use_clipped_model_output, uncond_output=None, guidance_scale=1.0,
               guidance_factor=None):
+    KC.check_ddim(model_output, sample, t, t_prev, alphas_cumprod, noise, key, thresh, prediction_type, eta)
     model_output = _guided(model_output, uncond_output, guidance_scale, guidance_factor)
     T = alphas_cumprod.shape[0]
     z = noise if noise is not None else (_noise(sample, key) if key is not None else None)
@@ -118,7 +133,7 @@ def _empty_vec(x):
 
 
 def group_norm_act(x, weight, bias, add, scale, shift, groups, eps, silu):
-    gn_check(x, weight, bias, add, scale, shift, groups)
+    KC.gn_check(x, weight, bias, add, scale, shift, groups)
     y, mean, rstd = refb.group_norm_act(x, weight, bias, add, scale, shift, groups, eps, silu)
     out = gn_empty_like(x)
     out.copy_(y)
@@ -127,7 +142,7 @@ def group_norm_act(x, weight, bias, add, scale, shift, groups, eps, silu):
 
 
 def group_norm_act_backward(grad_y, x, weight, bias, add, scale, shift, mean, rstd, groups, silu):
-    gn_check(x, weight, bias, add, scale, shift, groups, grad_y, mean, rstd)
+    KC.gn_check(x, weight, bias, add, scale, shift, groups, grad_y, mean, rstd)
     grads = refb.group_norm_act_backward(grad_y, x, weight, bias, add, scale, shift, mean, rstd, groups, silu)
     dx = gn_empty_like(x)
     dx.copy_(grads[0])

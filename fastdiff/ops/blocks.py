@@ -13,25 +13,17 @@ import torch
 import torch.nn.functional as F
 
 from . import _backend
+from . import _checks as _c
 from ._layout import gn_stat_dtype
 
 Tensor = torch.Tensor
-_DATA_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
-def _check_tensor(x, name: str) -> Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _DATA_DTYPES:
-        raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {x.dtype}")
-    return x
 
 
 def _vector(v, name: str, x: Tensor, per_sample: bool) -> Optional[Tensor]:
     """weight/bias (C,) or add/scale/shift (N, C) [or (N, C, 1, ...)] as the op takes them."""
     if v is None:
         return None
-    _check_tensor(v, name)
+    _c.data(v, name, 0)
     N, C = x.shape[0], x.shape[1]
     if v.device != x.device:
         raise ValueError(f"{name} must be on x's device {x.device}, got {v.device}")
@@ -67,9 +59,7 @@ def group_norm_act(x: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
     weight, bias, add, scale and shift; the backward stores only the
     per-group statistics.
     """
-    _check_tensor(x, "x")
-    if x.dim() < 2:
-        raise ValueError(f"x must have shape (N, C, *spatial), got {tuple(x.shape)}")
+    _c.data(x, "x", 2, "shape (N, C, *spatial)")
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
         raise ValueError(f"num_groups must be a positive int, got {num_groups!r}")
     C = x.shape[1]
@@ -85,7 +75,8 @@ def group_norm_act(x: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
     a = _vector(add, "add", x, True)
     sc = _vector(scale, "scale", x, True)
     sh = _vector(shift, "shift", x, True)
-    y, _, _ = torch.ops.fastdiff.group_norm_act(x, w, b, a, sc, sh, num_groups, float(eps), bool(silu))
+    y, _, _ = torch.ops.fastdiff.group_norm_act(x, w, b, a, sc, sh, num_groups, float(eps),
+                                                _c.flag(silu, "silu"))
     return y
 
 
@@ -120,7 +111,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None, *,
     (B, Lq, H, D), so ``out.transpose(1, 2).reshape(B, Lq, H * D)`` is a view.
     """
     for name, tnsr in (("q", q), ("k", k), ("v", v)):
-        _check_tensor(tnsr, name)
+        _c.data(tnsr, name, 0)
         if tnsr.dim() != 4:
             raise ValueError(f"{name} must have shape (B, H, L, D), got {tuple(tnsr.shape)}")
         if tnsr.dtype != q.dtype:
@@ -136,6 +127,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None, *,
         raise ValueError("k and v must have at least one position (Lk >= 1)")
     if scale is None:
         scale = 1.0 / math.sqrt(D)
+    else:
+        scale = _c.number(scale, "scale")
+    if fused is not None:
+        fused = _c.flag(fused, "fused")
     if fused is None:
         fused = fused_attention_supported(q, k, v)
     if not fused:

@@ -18,108 +18,28 @@ functions do not scan inputs for them.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Optional, Union
 
 import torch
 
+from . import _checks as _c
 from . import _fakes  # noqa: F401  (registers fakes and autograd)
 from . import _guidance
-from ._codes import PREDICTION, VARIANCE, code
-from ._schemas import op
-from ..schedule import NoiseSchedule, loss_weight
+from . import direct as _d
+from ._codes import PREDICTION, VARIANCE
+from ..schedule import NoiseSchedule, WEIGHTINGS
 
 Timesteps = Union[int, Sequence, torch.Tensor]
 ScheduleLike = Union[NoiseSchedule, torch.Tensor]
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
-# ---------------------------------------------------------------- checks ----
-def _check_data(x, name: str) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {x.dtype}")
-    if x.dim() < 1:
-        raise ValueError(f"{name} must have a batch dimension (shape (N, ...)), got a scalar")
-    return x
-
-
-def _check_like(x, ref: torch.Tensor, name: str, ref_name: str) -> torch.Tensor:
-    _check_data(x, name)
-    if x.shape != ref.shape:
-        raise ValueError(f"{name} must have the shape of {ref_name} {tuple(ref.shape)}, got {tuple(x.shape)}")
-    if x.dtype != ref.dtype:
-        raise TypeError(f"{name} must have the dtype of {ref_name} ({ref.dtype}), got {x.dtype}")
-    if x.device != ref.device:
-        raise ValueError(f"{name} must be on {ref_name}'s device {ref.device}, got {x.device}")
-    return x
-
-
-def _alphas_cumprod(schedule: ScheduleLike, device: torch.device, name: str = "schedule") -> torch.Tensor:
-    if isinstance(schedule, NoiseSchedule):
-        table = schedule.alphas_cumprod
-    elif isinstance(schedule, torch.Tensor):
-        table = schedule
-    else:
-        raise TypeError(f"{name} must be a fastdiff.NoiseSchedule or an alphas_cumprod tensor, got "
-                        f"{type(schedule).__name__}")
-    if table.dim() != 1 or table.numel() == 0:
-        raise ValueError(f"{name}: alphas_cumprod must be a non-empty 1-D table, got shape {tuple(table.shape)}")
-    if not table.is_floating_point():
-        raise TypeError(f"{name}: alphas_cumprod must be floating point, got {table.dtype}")
-    if table.device != device:
-        if table.device.type != "cpu":
-            raise ValueError(f"{name} is on {table.device} but the data is on {device}; move it with "
-                             f"schedule.to({str(device)!r})")
-        table = table.to(device)  # a CPU table used with GPU data: copied (cache it with .to(device))
-    return table.to(torch.float64)
-
-
-def _tracing() -> bool:
-    """Under torch.compile tracing no value can be read on the host; the
-    kernels' own guard (NaN for an out-of-range t) covers that case."""
-    return torch.compiler.is_compiling()
-
-
-def _timesteps(t: Timesteps, n: int, device: torch.device, T: int, name: str = "t",
-               allow_final: bool = False) -> torch.Tensor:
-    """t as an int64 (N,) tensor on ``device``; host-side range check when t
-    is not already on a GPU."""
-    lo = -1 if allow_final else 0
-    if isinstance(t, bool):
-        raise TypeError(f"{name} must be an int or an integer tensor, got bool")
-    if isinstance(t, int):
-        if not lo <= t < T:
-            raise ValueError(f"{name}={t} is out of range [{lo}, {T})")
-        return torch.full((n,), t, dtype=torch.int64, device=device)
-    if not isinstance(t, torch.Tensor):
-        try:
-            t = torch.as_tensor(t)
-        except Exception as e:
-            raise TypeError(f"{name} must be an int, a sequence of ints or an integer tensor") from e
-    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-        raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
-    if t.dim() == 0:
-        t = t.reshape(1).expand(n)
-    if t.dim() != 1 or t.shape[0] != n:
-        raise ValueError(f"{name} must have shape ({n},) (one timestep per sample), got {tuple(t.shape)}")
-    if t.device.type == "cpu" and t.numel() and not _tracing():
-        mn, mx = int(t.min()), int(t.max())
-        if mn < lo or mx >= T:
-            raise ValueError(f"{name} has values in [{mn}, {mx}], outside [{lo}, {T})")
-    elif t.device != device and t.device.type != "cpu":
-        raise ValueError(f"{name} is on {t.device} but the data is on {device}")
-    return t.to(device=device, dtype=torch.int64, non_blocking=True).contiguous()
-
 
 def _key(key: Optional[torch.Tensor], generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
     if key is not None:
-        if not isinstance(key, torch.Tensor) or key.shape != (2,) or key.dtype != torch.int64:
-            raise TypeError("key must be an int64 tensor of shape (2,) ([seed, offset]); make one with "
-                            "fastdiff.draw_key()")
-        return key.to(device)
+        if generator is not None:
+            raise ValueError("pass either key or generator, not both")
+        return _c.key(key, device)
     return draw_key(generator, device)
 
 
@@ -133,8 +53,18 @@ def draw_key(generator: Optional[torch.Generator] = None, device=None) -> torch.
     the key into Gaussian noise (see fastdiff/reference/noise.py).
     """
     if generator is not None:
+        _c.generator(generator)
         device = generator.device
-    device = torch.device(device) if device is not None else torch.device("cpu")
+    elif device is not None and not isinstance(device, torch.device):
+        if not isinstance(device, (str, int)) or isinstance(device, bool):
+            raise TypeError(f"device must be a torch.device, a str or an int, got {type(device).__name__}")
+        try:
+            device = torch.device(device)
+        except RuntimeError as e:
+            raise ValueError(f"device: {e}") from e
+    device = device if device is not None else torch.device("cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device} is not available (no CUDA device)")
     return torch.randint(-(2**63), 2**63 - 1, (2,), dtype=torch.int64, device=device, generator=generator)
 
 
@@ -159,27 +89,25 @@ def q_sample(x0: torch.Tensor, t: Timesteps, schedule: ScheduleLike, noise: Opti
         given, the drawn noise, or None (``return_noise=False``).
         Differentiable with respect to x0 (and noise when given).
     """
-    _check_data(x0, "x0")
-    abar = _alphas_cumprod(schedule, x0.device)
-    tt = _timesteps(t, x0.shape[0], x0.device, abar.shape[0])
+    _c.batch(x0, "x0")
+    dev = x0.device
+    abar = _c.alphas_cumprod(schedule, dev)
+    tt, _ = _c.timesteps(t, x0.shape[0], dev, abar.shape[0])
     if noise is not None:
         if key is not None or generator is not None:
             raise ValueError("pass either noise or key/generator, not both")
-        _check_like(noise, x0, "noise", "x0")
-        return op("q_sample")(x0, tt, abar, noise), noise
-    k = _key(key, generator, x0.device)
-    xt, nz = op("q_sample_rng")(x0, tt, abar, k, bool(return_noise))
-    return xt, (nz if return_noise else None)
+        return _d.q_sample_noise(x0, tt, abar, _c.tensor(noise, "noise")), noise
+    return _d.q_sample_key(x0, tt, abar, _key(key, generator, dev), _c.flag(return_noise, "return_noise"))
 
 
 def get_velocity(x0: torch.Tensor, noise: torch.Tensor, t: Timesteps, schedule: ScheduleLike) -> torch.Tensor:
     """The v-prediction target v = sqrt(abar_t) eps - sqrt(1-abar_t) x0, with
     the coefficients computed in float64 and applied in float32 (float64 for
     float64 data)."""
-    _check_data(x0, "x0")
-    _check_like(noise, x0, "noise", "x0")
-    abar = _alphas_cumprod(schedule, x0.device)
-    tt = _timesteps(t, x0.shape[0], x0.device, abar.shape[0])
+    _c.data(x0, "x0")
+    _c.like(noise, x0, "noise", "x0")
+    abar = _c.alphas_cumprod(schedule, x0.device)
+    tt, _ = _c.timesteps(t, x0.shape[0], x0.device, abar.shape[0])
     acc = torch.float64 if x0.dtype == torch.float64 else torch.float32
     a = _fakes.per_sample_coef(abar, tt, "a", x0, acc)
     b = _fakes.per_sample_coef(abar, tt, "b", x0, acc)
@@ -222,79 +150,85 @@ def diffusion_loss(model_output: torch.Tensor, x0: torch.Tensor, t: Timesteps, s
 
     Gradients flow to model_output only.
     """
-    _check_data(x0, "x0")
-    _check_like(model_output, x0, "model_output", "x0")
-    tgt = code(target, PREDICTION, "target")
-    abar = _alphas_cumprod(schedule, x0.device)
+    _c.batch(x0, "x0")
+    _c.tensor(model_output, "model_output")
+    tgt = _c.choice(target, PREDICTION, "target")
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    dev = x0.device
+    abar = _c.alphas_cumprod(schedule, dev)
     n = x0.shape[0]
-    tt = _timesteps(t, n, x0.device, abar.shape[0])
+    tt, _ = _c.timesteps(t, n, dev, abar.shape[0])
     if (noise is None) == (key is None):
         raise ValueError("diffusion_loss needs exactly one of noise= or key=")
     if noise is not None:
-        _check_like(noise, x0, "noise", "x0")
-    elif not isinstance(key, torch.Tensor) or key.shape != (2,) or key.dtype != torch.int64:
-        raise TypeError("key must be the int64 (2,) tensor that q_sample used")
+        _c.tensor(noise, "noise")
     else:
-        key = key.to(x0.device)
+        key = _c.key(key, dev)
     if isinstance(weighting, torch.Tensor):
         if weighting.shape != (n,):
             raise ValueError(f"weighting must have shape ({n},), got {tuple(weighting.shape)}")
-        w = weighting.to(device=x0.device, dtype=torch.float32)
+        if weighting.is_complex() or weighting.dtype == torch.bool:
+            raise TypeError(f"weighting must be a real tensor, got {weighting.dtype}")
+        w = weighting.to(device=dev, dtype=torch.float32)
     else:
-        w = loss_weight(abar, tt, weighting, target, snr_gamma).to(x0.device)
-    if reduction not in ("mean", "none"):
-        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+        _c.choice(weighting, WEIGHTINGS, "weighting")
+        if weighting == "min_snr":
+            _c.positive(snr_gamma, "snr_gamma")
+        w = _d.loss_weights(abar, tt, weighting, target, snr_gamma)
     if store_grad is None:
-        store_grad = key is None or x0.device.type == "cpu"
-    need_grad = bool(store_grad and torch.is_grad_enabled() and model_output.requires_grad)
-    per, _ = op("diffusion_loss")(model_output, x0, tt, abar, noise, key, w, tgt, need_grad)
+        store_grad = key is None or dev.type == "cpu"
+    else:
+        store_grad = _c.flag(store_grad, "store_grad")
+    per = _d.diffusion_loss(model_output, x0, tt, abar, w, tgt, noise=noise, key=key, store_grad=store_grad)
     return per.mean() if reduction == "mean" else per
 
 
 # -------------------------------------------------------- reverse steps -----
-def _threshold(model_output, sample, tt, abar, pred, ratio, max_value):
-    """Per-sample dynamic-thresholding s (an extra pass: the quantile needs
-    the whole x0_hat of a sample before the fused step can use it)."""
-    acc = torch.float64 if sample.dtype == torch.float64 else torch.float32
-    a = _fakes.per_sample_coef(abar, tt, "a", sample, acc)
-    b = _fakes.per_sample_coef(abar, tt, "b", sample, acc)
-    o, x = model_output.to(acc), sample.to(acc)
-    x0 = (x - b * o) / a if pred == 0 else (o if pred == 1 else a * x - b * o)
-    flat = x0.reshape(x0.shape[0], -1).abs().float()
-    return torch.quantile(flat, ratio, dim=1).clamp(min=1.0, max=max_value).contiguous()
-
-
 def _step_common(model_output, t, sample, schedule, t_prev, prediction_type, clip_sample, clip_sample_range,
                  thresholding, dynamic_thresholding_ratio, sample_max_value, noise, generator, key, want_noise,
                  guidance=(None, 1.0, None)):
-    _check_data(sample, "sample")
-    _check_like(model_output, sample, "model_output", "sample")
-    pred = code(prediction_type, PREDICTION, "prediction_type")
-    abar = _alphas_cumprod(schedule, sample.device)
+    """The edge checks and conversions of both reverse steps; the kernel checks the tensors' dtypes, shapes
+    and devices (typed errors naming them). ``guidance``: the checked (uncond, w, factor) of
+    fastdiff/ops/_guidance.py (the thresholding pre-pass needs the guided prediction)."""
+    _c.batch(sample, "sample")
+    _c.tensor(model_output, "model_output")
+    pred = _c.choice(prediction_type, PREDICTION, "prediction_type")
+    dev = sample.device
+    abar = _c.alphas_cumprod(schedule, dev)
     T, n = abar.shape[0], sample.shape[0]
-    tt = _timesteps(t, n, sample.device, T)
+    tt, tv = _c.timesteps(t, n, dev, T)
     if t_prev is None:
         tp = tt - 1
     else:
-        tp = _timesteps(t_prev, n, sample.device, T, "t_prev", allow_final=True)
-        if tp.device.type == "cpu" and tt.device.type == "cpu" and not _tracing() and bool((tp >= tt).any()):
+        tp, pv = _c.timesteps(t_prev, n, dev, T, "t_prev", allow_final=True)
+        if tv is not None and pv is not None:
+            if any(p >= c for p, c in zip(pv, tv)):
+                raise ValueError("t_prev must be smaller than t for every sample")
+        elif tp.device.type == "cpu" and tt.device.type == "cpu" and not _c.tracing() and bool((tp >= tt).any()):
             raise ValueError("t_prev must be smaller than t for every sample")
-    clip = float(clip_sample_range) if clip_sample else 0.0
-    if clip_sample and not clip > 0:
-        raise ValueError(f"clip_sample_range must be > 0, got {clip_sample_range}")
+    clip = 0.0
+    if _c.flag(clip_sample, "clip_sample"):
+        clip = _c.positive(clip_sample_range, "clip_sample_range")
     thresh = None
-    if thresholding:
-        if not 0 < dynamic_thresholding_ratio <= 1:
+    if _c.flag(thresholding, "thresholding"):
+        r = _c.number(dynamic_thresholding_ratio, "dynamic_thresholding_ratio")
+        if not 0 < r <= 1:
             raise ValueError(f"dynamic_thresholding_ratio must be in (0, 1], got {dynamic_thresholding_ratio}")
+        mv = _c.number(sample_max_value, "sample_max_value")
+        if not mv >= 1:
+            raise ValueError(f"sample_max_value must be >= 1, got {sample_max_value}")
+        _c.like(sample, sample, "sample", "sample")
+        _c.like(model_output, sample, "model_output", "sample")  # computed on before the kernel checks it
         mo = model_output if guidance[0] is None else _guidance.guided(model_output, *guidance).to(sample.dtype)
-        thresh = _threshold(mo, sample, tt, abar, pred, dynamic_thresholding_ratio, sample_max_value)
+        thresh = _d.threshold(mo, sample, tt, abar, pred, r, mv)
     k = None
     if noise is not None:
         if key is not None or generator is not None:
             raise ValueError("pass either noise or key/generator, not both")
-        _check_like(noise, sample, "noise", "sample")
+        _c.tensor(noise, "noise")
     elif want_noise:
-        k = _key(key, generator, sample.device)
+        k = _key(key, _c.generator(generator), dev)
     return pred, abar, tt, tp, clip, thresh, k
 
 
@@ -349,12 +283,13 @@ def ddpm_step(model_output: torch.Tensor, t: Timesteps, sample: torch.Tensor, sc
     Returns:
         ``(prev_sample, pred_original_sample)``, both like sample.
     """
-    vt = code(variance_type, VARIANCE, "variance_type")
-    if uncond_output is not None and isinstance(model_output, torch.Tensor):
+    vt = _c.choice(variance_type, VARIANCE, "variance_type")
+    _c.batch(sample, "sample")
+    _c.tensor(model_output, "model_output")
+    if uncond_output is not None:
         _guidance.check_uncond(uncond_output, model_output)
     if vt >= 4 and model_var is None:
-        if not isinstance(model_output, torch.Tensor) or model_output.dim() < 2 or sample.dim() < 2 or \
-                model_output.shape[1] != 2 * sample.shape[1]:
+        if model_output.dim() < 2 or sample.dim() < 2 or model_output.shape[1] != 2 * sample.shape[1]:
             raise ValueError(f"variance_type={variance_type!r} needs model_var, or model_output with twice "
                              f"sample's channels")
         model_output, model_var = model_output.split(sample.shape[1], dim=1)
@@ -363,13 +298,13 @@ def ddpm_step(model_output: torch.Tensor, t: Timesteps, sample: torch.Tensor, sc
     elif vt < 4 and model_var is not None:
         raise ValueError(f"model_var is only used with learned variance types, not {variance_type!r}")
     if model_var is not None:
-        _check_like(model_var, sample, "model_var", "sample")
-    _check_data(model_output, "model_output")
+        _c.tensor(model_var, "model_var")
     g = _guidance.prepare(model_output, uncond_output, guidance_scale, guidance_rescale)
     pred, abar, tt, tp, clip, thresh, k = _step_common(
         model_output, t, sample, schedule, t_prev, prediction_type, clip_sample, clip_sample_range, thresholding,
         dynamic_thresholding_ratio, sample_max_value, noise, generator, key, want_noise=True, guidance=g)
-    return op("ddpm_step")(model_output, sample, tt, tp, abar, model_var, noise, k, thresh, pred, vt, clip, *g)
+    return _d.ddpm_step(model_output, sample, tt, tp, abar, prediction=pred, variance=vt, clip=clip,
+                        model_var=model_var, noise=noise, key=k, thresh=thresh, guidance=g)
 
 
 def ddim_step(model_output: torch.Tensor, t: Timesteps, sample: torch.Tensor, schedule: ScheduleLike, *,
@@ -397,19 +332,23 @@ def ddim_step(model_output: torch.Tensor, t: Timesteps, sample: torch.Tensor, sc
 
     Returns ``(prev_sample, pred_original_sample)``.
     """
-    if not eta >= 0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
+    eta = _c.number(eta, "eta")
+    if not (eta >= 0 and math.isfinite(eta)):
+        raise ValueError(f"eta must be a finite number >= 0, got {eta}")
+    final_alpha_cumprod = _c.number(final_alpha_cumprod, "final_alpha_cumprod")
     if not 0 < final_alpha_cumprod <= 1:
         raise ValueError(f"final_alpha_cumprod must be in (0, 1], got {final_alpha_cumprod}")
-    _check_data(model_output, "model_output")
+    _c.tensor(model_output, "model_output")
     g = _guidance.prepare(model_output, uncond_output, guidance_scale, guidance_rescale)
     pred, abar, tt, tp, clip, thresh, k = _step_common(
         model_output, t, sample, schedule, t_prev, prediction_type, clip_sample, clip_sample_range, thresholding,
         dynamic_thresholding_ratio, sample_max_value, noise if eta > 0 else None, generator, key,
         want_noise=eta > 0, guidance=g)
     nz = noise if eta > 0 else None
-    return op("ddim_step")(model_output, sample, tt, tp, abar, nz, k, thresh, pred, clip, float(eta),
-                           float(final_alpha_cumprod), bool(use_clipped_model_output), *g)
+    return _d.ddim_step(model_output, sample, tt, tp, abar, prediction=pred, clip=clip, eta=eta,
+                        final_alpha_cumprod=final_alpha_cumprod,
+                        use_clipped_model_output=_c.flag(use_clipped_model_output, "use_clipped_model_output"),
+                        noise=nz, key=k, thresh=thresh, guidance=g)
 
 
 __all__ = ["q_sample", "get_velocity", "diffusion_loss", "ddpm_step", "ddim_step", "draw_key"]

@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from . import _backend, _fakes  # noqa: F401  (fakes registered)
+from . import _checks as _c
 from . import _guidance
 from . import _multistep_common as msc
 from ._schemas import op
@@ -144,8 +145,11 @@ def multistep_threshold(model_output: torch.Tensor, sample: torch.Tensor, coeffs
     increments step_index). With guidance arguments, x0 is computed from the
     guided prediction (as the step will).
     """
+    _c.data(model_output, "model_output")
+    _c.data(sample, "sample")
     msc.check(model_output, sample, sample.new_zeros((0,) + tuple(sample.shape)), sample.new_empty(0), coeffs,
               step_index, None, None, None, 0.0)
+    ratio, max_value = _c.number(ratio, "ratio"), _c.number(max_value, "max_value")
     if not 0 < ratio <= 1:
         raise ValueError(f"ratio must be in (0, 1], got {ratio}")
     if not max_value >= 1:
@@ -155,7 +159,9 @@ def multistep_threshold(model_output: torch.Tensor, sample: torch.Tensor, coeffs
     row = coeffs.index_select(0, step_index.reshape(1).clamp(0, coeffs.shape[0] - 1))[0].to(acc)
     x0 = row[COL["c_x"]] * sample.to(acc) + row[COL["c_m"]] * _guidance.guided(model_output, u, w, f).to(acc)
     flat = x0.reshape(x0.shape[0], -1).abs().float()
-    return torch.quantile(flat, ratio, dim=1).clamp(min=1.0, max=max_value).contiguous()
+    # (max_value beyond float32's range means no upper bound, not an overflow error)
+    hi = min(max_value, torch.finfo(torch.float32).max)
+    return torch.quantile(flat, ratio, dim=1).clamp(min=1.0, max=hi).contiguous()
 
 
 __all__ = ["multistep_step", "multistep_threshold", "MULTISTEP_NCOEF", "MULTISTEP_MAX_HISTORY", "MULTISTEP_COLUMNS"]

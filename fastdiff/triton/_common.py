@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..ops import _kernel_checks as _kc
+
 # ----------------------------------------------------------------- tiles ---
 # (BLOCK, num_warps, tiles per program) of the full-size tiles, per kernel. Memory-bound kernels:
 # 2048 elements per program (8 KiB of each float32 stream) keeps enough bytes
@@ -223,35 +225,9 @@ def empty(dtype: torch.dtype, device) -> torch.Tensor:
     return torch.empty(0, dtype=dtype, device=device)
 
 
-def check_common(x: torch.Tensor, name: str, t: torch.Tensor, abar: torch.Tensor) -> None:
-    if x.dim() < 1:
-        raise RuntimeError(f"fastdiff: {name} must have a batch dimension")
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        raise RuntimeError(f"fastdiff: {name} must be float32, float16, bfloat16 or float64, got {x.dtype}")
-    if t.dim() != 1 or t.size(0) != x.size(0) or t.dtype != torch.int64:
-        raise RuntimeError(f"fastdiff: t must be an int64 tensor of shape ({x.size(0)},), got {t.dtype} "
-                           f"{tuple(t.shape)}")
-    if abar.dim() != 1 or abar.size(0) < 1 or abar.dtype != torch.float64:
-        raise RuntimeError("fastdiff: alphas_cumprod must be a non-empty 1-D float64 table")
-    for v, nm in ((t, "t"), (abar, "alphas_cumprod")):
-        if v.device != x.device:
-            raise RuntimeError(f"fastdiff: {nm} must be on {x.device}, got {v.device}")
-
-
-def check_like(v: torch.Tensor, ref: torch.Tensor, name: str, ref_name: str) -> None:
-    if v.shape != ref.shape or v.dtype != ref.dtype or v.device != ref.device:
-        raise RuntimeError(f"fastdiff: {name} must match {ref_name} in shape, dtype and device "
-                           f"({tuple(ref.shape)}, {ref.dtype}, {ref.device}), got "
-                           f"({tuple(v.shape)}, {v.dtype}, {v.device})")
-
-
-def check_key(key: torch.Tensor, x: torch.Tensor) -> None:
-    if key.dim() != 1 or key.size(0) != 2 or key.dtype != torch.int64 or key.device != x.device:
-        raise RuntimeError(f"fastdiff: key must be an int64 tensor of shape (2,) ([seed, offset]) on {x.device}, "
-                           f"got {key.dtype} {tuple(key.shape)} on {key.device}")
-
-
-def check_per_sample_f32(v: torch.Tensor, x: torch.Tensor, name: str) -> None:
-    if v.dim() != 1 or v.size(0) != x.size(0) or v.dtype != torch.float32 or v.device != x.device:
-        raise RuntimeError(f"fastdiff: {name} must be a float32 tensor of shape ({x.size(0)},) on {x.device}, "
-                           f"got {v.dtype} {tuple(v.shape)} on {v.device}")
+# The kernel-level argument checks are those of every Python kernel (same
+# exception types and messages as csrc/host.h): fastdiff/ops/_kernel_checks.py.
+check_common = _kc.check_common
+check_like = _kc.check_same_like
+check_key = _kc.check_key
+check_per_sample_f32 = _kc.check_per_sample_f32

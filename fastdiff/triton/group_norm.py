@@ -59,6 +59,7 @@ import triton
 import triton.language as tl
 
 from . import _common as CM
+from ..ops import _kernel_checks as KC
 from ..ops._layout import gn_channels_last, gn_empty_like, gn_stat_dtype
 
 Tensor = torch.Tensor
@@ -527,34 +528,17 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def _check_vector(v: Optional[Tensor], x: Tensor, name: str, per_sample: bool) -> Optional[Tensor]:
-    if v is None:
-        return None
-    sd = gn_stat_dtype(x)
-    if v.dtype != sd:
-        raise RuntimeError(f"fastdiff: {name} must be {sd} (for {x.dtype} x), got {v.dtype}")
-    if v.device != x.device:
-        raise RuntimeError(f"fastdiff: {name} must be on {x.device}, got {v.device}")
-    want = (x.size(0), x.size(1)) if per_sample else (x.size(1),)
-    if tuple(v.shape) != want:
-        raise RuntimeError(f"fastdiff: {name} must have shape {want}, got {tuple(v.shape)}")
-    return v.contiguous()
+    return None if v is None else v.contiguous()
 
 
-def _prepare(x: Tensor, weight, bias, add, scale, shift, groups: int):
-    """Checks (as csrc/blocks.h prepare_gn) -> (x canonical, channels_last, N, C, S, G, D, vectors)."""
-    if not isinstance(x, torch.Tensor) or x.dim() < 2:
-        raise RuntimeError(f"fastdiff: x must have shape (N, C, *spatial), got "
-                           f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-    if x.dtype not in _DTYPES:
-        raise RuntimeError(f"fastdiff: x must be float32, float16, bfloat16 or float64, got {x.dtype}")
+def _prepare(x: Tensor, weight, bias, add, scale, shift, groups: int, grad_y=None, mean=None, rstd=None):
+    """Checks (csrc/blocks.h prepare_gn, stated once in fastdiff/ops/_kernel_checks.py) -> (x canonical,
+    channels_last, N, C, S, G, D, vectors)."""
+    KC.gn_check(x, weight, bias, add, scale, shift, groups, grad_y, mean, rstd)
     groups = int(groups)
     N, C = x.size(0), x.size(1)
-    if groups < 1 or C % groups != 0:
-        raise RuntimeError(f"fastdiff: groups={groups} must be positive and divide the number of channels C={C}")
     S = 0 if N == 0 or C == 0 else x.numel() // (N * C)
     D = C // groups
-    if N != 0 and S * D == 0:
-        raise RuntimeError(f"fastdiff: x has no elements per group (shape {tuple(x.shape)})")
     vecs = (_check_vector(weight, x, "weight", False), _check_vector(bias, x, "bias", False),
             _check_vector(add, x, "add", True), _check_vector(scale, x, "scale", True),
             _check_vector(shift, x, "shift", True))
@@ -746,20 +730,11 @@ def _split_backward(dy, xc, mean, rstd, vecs, dx, dadd, dscale, dshift, wa, wb, 
 
 
 def _check_stat(s: Tensor, xc: Tensor, N: int, G: int, name: str) -> Tensor:
-    sd = gn_stat_dtype(xc)
-    if not isinstance(s, torch.Tensor) or s.dim() != 2 or tuple(s.shape) != (N, G) or s.dtype != sd \
-            or s.device != xc.device:
-        got = f"{s.dtype} {tuple(s.shape)} on {s.device}" if isinstance(s, torch.Tensor) else type(s).__name__
-        raise RuntimeError(f"fastdiff: {name} must be a {sd} tensor of shape ({N}, {G}) on {xc.device}, got {got}")
-    return s.contiguous()
+    return s.contiguous()  # checked by _prepare (KC.gn_check)
 
 
 def _match_grad(grad_y: Tensor, xc: Tensor, cl: bool) -> Tensor:
-    """grad_y in xc's layout (copied only when it is in another one)."""
-    if not isinstance(grad_y, torch.Tensor) or grad_y.shape != xc.shape or grad_y.dtype != xc.dtype \
-            or grad_y.device != xc.device:
-        got = f"{grad_y.dtype} {tuple(grad_y.shape)}" if isinstance(grad_y, torch.Tensor) else type(grad_y).__name__
-        raise RuntimeError(f"fastdiff: grad_y must match x ({xc.dtype} {tuple(xc.shape)} on {xc.device}), got {got}")
+    """grad_y (checked by _prepare) in xc's layout (copied only when it is in another one)."""
     if (gn_channels_last(grad_y) if cl else grad_y.is_contiguous()):
         return grad_y
     g = gn_empty_like(xc)
@@ -777,7 +752,7 @@ def group_norm_act_backward(grad_y: Tensor, x: Tensor, weight: Optional[Tensor],
 
     ``block`` (tests only) caps the tile size in elements, forcing the looping path;
     ``split`` (tests only) forces the split path, as in the forward."""
-    xc, cl, N, C, S, G, D, vecs = _prepare(x, weight, bias, add, scale, shift, groups)
+    xc, cl, N, C, S, G, D, vecs = _prepare(x, weight, bias, add, scale, shift, groups, grad_y, mean, rstd)
     mean = _check_stat(mean, xc, N, G, "mean")
     rstd = _check_stat(rstd, xc, N, G, "rstd")
     dy = _match_grad(grad_y, xc, cl)

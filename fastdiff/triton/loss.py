@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from . import _common as C
+from ..ops import _kernel_checks as KC
 from ..ops._layout import canonical, match_layout, per_sample
 from ._philox import tile_normals
 
@@ -73,21 +74,13 @@ def diffusion_loss(model_output: torch.Tensor, x0: torch.Tensor, t: torch.Tensor
                    noise, key, weight: torch.Tensor, target: int, need_grad: bool):
     """Schema ``diffusion_loss(model_output, x0, t, alphas_cumprod, noise?, key?, weight, target, need_grad)
     -> (per_sample, grad or empty)``; per_sample is float32 (float64 for float64 inputs)."""
-    C.check_common(x0, "x0", t, alphas_cumprod)
-    C.check_like(model_output, x0, "model_output", "x0")
-    C.check_per_sample_f32(weight, x0, "weight")
-    if (noise is None) == (key is None):
-        raise RuntimeError("fastdiff: diffusion_loss needs exactly one of noise, key")
+    KC.check_loss(model_output, x0, t, alphas_cumprod, noise, key, weight, target)
     target = int(target)
-    if target not in (0, 1, 2):
-        raise RuntimeError(f"fastdiff: target code must be 0, 1 or 2, got {target}")
     x = canonical(x0)
     mo = match_layout(model_output, x)
     if noise is not None:
-        C.check_like(noise, x0, "noise", "x0")
         noise = match_layout(noise, x)
     else:
-        C.check_key(key, x0)
         key = key.contiguous()
     N, M = x.size(0), per_sample(x)
     loss_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -116,24 +109,14 @@ def diffusion_loss_backward(grad_loss: torch.Tensor, model_output: torch.Tensor,
     """Schema ``diffusion_loss_backward(grad_loss, model_output, x0, t, alphas_cumprod, noise?, key?, weight,
     target) -> grad``: grad_loss[n] * d loss_n / d model_output, recomputed in one pass (the noise
     regenerated from the key), in x0's canonical layout."""
-    C.check_common(x0, "x0", t, alphas_cumprod)
-    C.check_like(model_output, x0, "model_output", "x0")
-    C.check_per_sample_f32(weight, x0, "weight")
-    if grad_loss.shape != (x0.shape[0],) or not grad_loss.is_floating_point() or grad_loss.device != x0.device:
-        raise RuntimeError(f"fastdiff: grad_loss must be a floating tensor of shape ({x0.shape[0]},) on "
-                           f"{x0.device}, got {grad_loss.dtype} {tuple(grad_loss.shape)} on {grad_loss.device}")
-    if (noise is None) == (key is None):
-        raise RuntimeError("fastdiff: diffusion_loss needs exactly one of noise, key")
+    KC.check_loss(model_output, x0, t, alphas_cumprod, noise, key, weight, target)
+    KC.check_loss_grad(grad_loss, x0)
     target = int(target)
-    if target not in (0, 1, 2):
-        raise RuntimeError(f"fastdiff: target code must be 0, 1 or 2, got {target}")
     x = canonical(x0)
     mo = match_layout(model_output, x)
     if noise is not None:
-        C.check_like(noise, x0, "noise", "x0")
         noise = match_layout(noise, x)
     else:
-        C.check_key(key, x0)
         key = key.contiguous()
     N, M = x.size(0), per_sample(x)
     grad = torch.empty_like(x)

@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from . import _common as C
+from ..ops import _kernel_checks as KC
 from ..ops._guidance import check_op_args
 from ..ops._layout import canonical, match_layout, per_sample
 from ._philox import tile_normals
@@ -150,29 +151,18 @@ def _ddim_kernel(mo_ptr, x_ptr, noise_ptr, key_ptr, thresh_ptr, t_ptr, tp_ptr, a
 
 
 def _prepare(model_output, sample, t, t_prev, abar, model_var, noise, key, thresh, prediction_type):
-    """host.h prepare_step: checks, then every tensor in the sample's canonical layout."""
-    C.check_common(sample, "sample", t, abar)
-    C.check_like(model_output, sample, "model_output", "sample")
-    if t_prev.shape != t.shape or t_prev.dtype != torch.int64 or t_prev.device != t.device:
-        raise RuntimeError("fastdiff: t_prev must be an int64 tensor like t")
+    """host.h prepare_step: (checked by the caller: _kernel_checks.check_ddpm / check_ddim), then every
+    tensor in the sample's canonical layout."""
     pred = int(prediction_type)
-    if pred not in (0, 1, 2):
-        raise RuntimeError(f"fastdiff: prediction_type code must be 0, 1 or 2, got {pred}")
-    if noise is not None and key is not None:
-        raise RuntimeError("fastdiff: pass noise or key, not both")
     x = canonical(sample)
     mo = match_layout(model_output, x)
     if model_var is not None:
-        C.check_like(model_var, sample, "model_var", "sample")
         model_var = match_layout(model_var, x)
     if noise is not None:
-        C.check_like(noise, sample, "noise", "sample")
         noise = match_layout(noise, x)
     if key is not None:
-        C.check_key(key, sample)
         key = key.contiguous()
     if thresh is not None:
-        C.check_per_sample_f32(thresh, sample, "thresh")
         thresh = thresh.contiguous()
     return x, mo, model_var, noise, key, thresh, pred
 
@@ -195,11 +185,9 @@ def ddpm_step(model_output, sample, t, t_prev, alphas_cumprod, model_var, noise,
               variance_type, clip_range, uncond_output=None, guidance_scale=1.0, guidance_factor=None):
     """Schema ``ddpm_step(model_output, sample, t, t_prev, alphas_cumprod, model_var?, noise?, key?, thresh?,
     prediction_type, variance_type, clip_range) -> (prev_sample, pred_original_sample)``."""
+    KC.check_ddpm(model_output, sample, t, t_prev, alphas_cumprod, model_var, noise, key, thresh, prediction_type,
+                  variance_type)
     var_type = int(variance_type)
-    if not 0 <= var_type <= 5:
-        raise RuntimeError(f"fastdiff: variance_type code must be in 0..5, got {var_type}")
-    if var_type >= 4 and model_var is None:
-        raise RuntimeError("fastdiff: learned variance types need model_var")
     x, mo, mv, noise, key, thresh, pred = _prepare(model_output, sample, t, t_prev, alphas_cumprod, model_var,
                                                    noise, key, thresh, prediction_type)
     u, gf = _prepare_guidance(model_output, x, uncond_output, guidance_scale, guidance_factor)
@@ -226,9 +214,8 @@ def ddim_step(model_output, sample, t, t_prev, alphas_cumprod, noise, key, thres
     """Schema ``ddim_step(model_output, sample, t, t_prev, alphas_cumprod, noise?, key?, thresh?,
     prediction_type, clip_range, eta, final_alpha_cumprod, use_clipped_model_output)
     -> (prev_sample, pred_original_sample)``."""
+    KC.check_ddim(model_output, sample, t, t_prev, alphas_cumprod, noise, key, thresh, prediction_type, eta)
     eta = float(eta)
-    if not eta >= 0.0:
-        raise RuntimeError(f"fastdiff: eta must be >= 0, got {eta}")
     x, mo, _, noise, key, thresh, pred = _prepare(model_output, sample, t, t_prev, alphas_cumprod, None, noise,
                                                   key, thresh, prediction_type)
     u, gf = _prepare_guidance(model_output, x, uncond_output, guidance_scale, guidance_factor)
