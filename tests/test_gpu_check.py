@@ -151,6 +151,44 @@ def test_fused_ops_each_backend(backend, dtype):
     _check(x0h, rx, dtype, "ddim x0", low(rx))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", _gpu_backends())
+def test_guided_steps_each_backend(backend, dtype):
+    """Classifier-free guidance fused into ddpm_step, ddim_step (with the rescale factor) and multistep_step
+    on one GPU backend at a real shape (odd per-sample size), against float64."""
+    from fastdiff.reference import guided_output
+    from fastdiff.reference import multistep as refm
+
+    shape = big((32, 4, 67, 61), (3, 2, 5, 3))
+    g = torch.Generator().manual_seed(1)
+    c, u, x, nz = (torch.randn(shape, generator=g).to(DEV, dtype) for _ in range(4))
+    N = shape[0]
+    t = torch.randint(1, 1000, (N,), generator=g).to(DEV)
+    tp = torch.clamp(t - 20, min=-1)
+    ab = SCHED.alphas_cumprod.to(DEV)
+    f = (torch.rand(N, generator=g, dtype=torch.float64) + 0.5).to(DEV)
+    w = 7.5
+    low = lambda r: r.to(dtype).double() if dtype != torch.float32 else None  # noqa: E731
+    g64 = guided_output(c, u, w).to(DEV)
+    prev, _ = _kernel("ddpm_step", backend)(c, x, t, tp, ab, None, nz, None, None, 0, 0, 0.0, u, w, None)
+    rp, _ = ref.ddpm_step(g64, x.double(), t, tp, ab, nz.double())
+    _check(prev, rp, dtype, "guided ddpm_step", low(rp))
+    gf64 = guided_output(c, u, w, f).to(DEV)
+    prev, x0h = _kernel("ddim_step", backend)(c, x, t, tp, ab, nz, None, None, 2, 0.0, 0.5, 1.0, False, u, w, f)
+    rp, rx = ref.ddim_step(gf64, x.double(), t, tp, ab, nz.double(), 0.5, "v_prediction")
+    _check(prev, rp, dtype, "guided+rescaled ddim_step", low(rp))
+    _check(x0h, rx, dtype, "guided ddim x0", low(rx))
+    row = torch.tensor([0.5, -0.4, 0, 0, 0, 0, 0, 0, 0.9, 0.2, 0.3, -0.25, 0, 0, 0, 1], dtype=torch.float64)
+    H = torch.randn((1,) + shape, generator=g).to(DEV, dtype)
+    H0 = H.clone()
+    si = torch.zeros((), dtype=torch.int64, device=DEV)
+    prev, _ = _kernel("multistep_step", backend)(c, x, H, x.new_empty(0), row.reshape(1, 16).to(DEV), si, None,
+                                                 None, None, 0.0, False, u, w, f)
+    rp, _, _, _ = refm.multistep_step(gf64, x.double(), H0.double(), None, row, 0)
+    _check(prev, rp, dtype, "guided multistep_step", low(rp))
+    assert int(si) == 1
+
+
 # ----------------------------------------------------------- GroupNorm ------
 # A covering set: every (variant, dtype) pair once, every (variant, layout) and (layout, dtype) pair.
 GN_VARIANTS = ("plain", "add", "scale_shift", "add+scale_shift")

@@ -32,6 +32,7 @@ from fastdiff.triton import _common, _philox  # noqa: E402
 # the modules (``fastdiff.triton.attention`` etc. are also the names of functions there)
 q_sample, loss, step, group_norm, attention = (importlib.import_module(f"fastdiff.triton.{m}")
                                                for m in ("q_sample", "loss", "step", "group_norm", "attention"))
+multistep = importlib.import_module("fastdiff.triton.multistep")
 
 DEV = "cuda" if HAS_CUDA else "cpu"
 ABAR = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
@@ -136,8 +137,9 @@ def test_block_counts_and_float_bits_are_not_specialised():
     want = {
         (q_sample, "_q_sample_kernel"): {"chunks", "T"},
         (loss, "_loss_kernel"): {"chunks", "T"},
-        (step, "_ddpm_kernel"): {"chunks", "T", "clip_bits"},
-        (step, "_ddim_kernel"): {"chunks", "T", "clip_bits", "eta_bits", "final_bits"},
+        (step, "_ddpm_kernel"): {"chunks", "T", "clip_bits", "gw_bits"},
+        (step, "_ddim_kernel"): {"chunks", "T", "clip_bits", "eta_bits", "final_bits", "gw_bits"},
+        (multistep, "_multistep_kernel"): {"clip_bits", "hstride", "gw_bits"},
         (group_norm, "_gn_fwd_kernel"): {"eps_bits"},
         (attention, "_attn_fwd_kernel"): {"n_mblocks"},
         (attention, "_attn_bwd_dq_kernel"): {"n_mblocks"},

@@ -129,21 +129,52 @@ struct F32Step {
   bool has_gf;
 };
 
-// With guidance (u != null) a first pass forms the guided output
-// g = f * (c + (w - 1)(c - u)) into the chunk scratch `gbuf`, which then
-// stands for the model output: both predictions are read once, in the same sweep.
+// With guidance (u != null) the first pass reads both predictions, forms the
+// guided output g = f * (c + (w - 1)(c - u)) and x0_hat from it; where a later
+// pass needs the model output again, g is kept in the chunk scratch `gbuf`
+// (in cache), which then stands for it.
 FD_INLINE void step_chunk_f32_body(const F32Step& p, const float* __restrict__ c, const float* __restrict__ u,
                                    float* __restrict__ gbuf, const float* __restrict__ x,
                                    const float* __restrict__ z, float* __restrict__ prev,
                                    float* __restrict__ x0, int64_t n) {
   const float* __restrict__ o = c;
   if (u) {
-    for (int64_t j = 0; j < n; ++j) gbuf[j] = c[j] + p.gw * (c[j] - u[j]);
-    if (p.has_gf)
-      for (int64_t j = 0; j < n; ++j) gbuf[j] *= p.gf;
+    // g = f (c + (w - 1)(c - u)) and x0_hat from it in one pass (f = 1 without rescale: x * 1 is exact);
+    // g is kept in gbuf only where a later pass reads the model output again (DDIM, unless use_clipped)
+    const float gw = p.gw, gf = p.has_gf ? p.gf : 1.0f;
+    const bool keep = p.ddim && !p.use_clipped;
+#define FD_G(j) ((c[j] + gw * (c[j] - u[j])) * gf)
+    if (p.pred == kEpsilon) {
+      const float inv = 1.0f / p.sab;
+      if (keep) {
+        for (int64_t j = 0; j < n; ++j) {
+          const float g = FD_G(j);
+          gbuf[j] = g;
+          x0[j] = (x[j] - p.s1m * g) * inv;
+        }
+      } else {
+        for (int64_t j = 0; j < n; ++j) x0[j] = (x[j] - p.s1m * FD_G(j)) * inv;
+      }
+    } else if (p.pred == kSample) {
+      if (keep) {
+        for (int64_t j = 0; j < n; ++j) x0[j] = gbuf[j] = FD_G(j);
+      } else {
+        for (int64_t j = 0; j < n; ++j) x0[j] = FD_G(j);
+      }
+    } else {
+      if (keep) {
+        for (int64_t j = 0; j < n; ++j) {
+          const float g = FD_G(j);
+          gbuf[j] = g;
+          x0[j] = p.sab * x[j] - p.s1m * g;
+        }
+      } else {
+        for (int64_t j = 0; j < n; ++j) x0[j] = p.sab * x[j] - p.s1m * FD_G(j);
+      }
+    }
+#undef FD_G
     o = gbuf;
-  }
-  if (p.pred == kEpsilon) {
+  } else if (p.pred == kEpsilon) {
     const float inv = 1.0f / p.sab;
     for (int64_t j = 0; j < n; ++j) x0[j] = (x[j] - p.s1m * o[j]) * inv;
   } else if (p.pred == kSample) {

@@ -70,7 +70,7 @@ def rescale_factor(cond: torch.Tensor, uncond: torch.Tensor, w: float, phi: floa
     acc = torch.float64 if cond.dtype == torch.float64 else torch.float32
     n = cond.shape[0]
     c = cond.reshape(n, -1).to(acc)
-    g = c + (w - 1.0) * (c - uncond.reshape(n, -1).to(acc))
+    g = torch.lerp(uncond.reshape(n, -1).to(acc), c, w)  # u + w (c - u): one pass, one temporary
     sc = c.std(dim=1, correction=0).to(torch.float64)
     sg = g.std(dim=1, correction=0).to(torch.float64)
     ok = sg > 0
