@@ -134,6 +134,12 @@ def cases(full: bool):
                                                                                    th, 2, 0, 0.0)),
                 (f"ddim key {tag}", lambda x=x, t=t, k=key: ft.ddim_step(x, x, t, t - 1, ab, None, k, None, 1, 1.0,
                                                                          0.5, 1.0, True)),
+                # classifier-free guidance: both predictions read, with the rescale factor
+                (f"ddpm guided {tag}", lambda x=x, t=t, k=key: ft.ddpm_step(
+                    x, x, t, t - 1, ab, None, None, k, None, 0, 0, 0.0, x, 7.5,
+                    torch.ones(x.shape[0], dtype=torch.float64))),
+                (f"ddim guided {tag}", lambda x=x, t=t: ft.ddim_step(x, x, t, t - 1, ab, None, None, None, 2, 0.0,
+                                                                     0.0, 1.0, False, x, 7.5, None)),
             ]
     # GroupNorm: single-tile and looping, both layouts, every optional input
     gn_shapes = ((2, 64, 8, 8), (2, 64, 64, 64)) if not full else ((2, 64, 8, 8), (2, 64, 64, 64), (1, 12, 5, 7),

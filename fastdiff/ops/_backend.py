@@ -96,7 +96,7 @@ def cuda_kernel(name: str, backend: str):
     if backend == "cuda":
         if not has_cuda_extension():
             raise RuntimeError("fastdiff: the CUDA extension is not built")
-        return getattr(_C, f"{name}_cuda")
+        return _with_schema_defaults(name, getattr(_C, f"{name}_cuda"))
     if backend == "triton":
         mod = triton_module()
         if mod is None:
@@ -105,6 +105,24 @@ def cuda_kernel(name: str, backend: str):
     if backend == "reference":
         return getattr(refk, name)
     raise ValueError(f"backend must be one of {GPU_BACKENDS}, got {backend!r}")
+
+
+def _with_schema_defaults(name: str, fn):
+    """``fn`` (a pybind entry point, which has no default arguments) accepting the trailing arguments the
+    op's schema gives defaults (e.g. the steps' guidance inputs) as optional, like the dispatcher does."""
+    args = getattr(torch.ops, NAMESPACE).__getattr__(name).default._schema.arguments
+    defaults = [a.default_value if a.has_default_value() else None for a in args]
+    first = next((i for i, a in enumerate(args) if a.has_default_value()), len(args))
+    if first == len(args):
+        return fn
+
+    def call(*a):
+        if len(a) < len(defaults):
+            a = a + tuple(defaults[len(a):])
+        return fn(*a)
+
+    call.__name__ = getattr(fn, "__name__", name)
+    return call
 
 
 def _has_native_cpu(name: str) -> bool:
