@@ -135,7 +135,7 @@ def run(device: str = "cpu", dtype: Optional[torch.dtype] = None, *, quick: bool
                "context": [cfg["tokens"], cfg["context_dim"]], "unet_channels": list(cfg["unet_channels"]),
                "vae_channels": list(cfg["vae_channels"]), "note": ""}
         if "compiled" in impl and not compile:
-            row["note"] = "skipped: compile off (--quick; use --compile)"
+            row["note"] = "skipped: compile off (--no-compile; --quick turns it off unless --compile)"
             rows.append(row)
             continue
         try:
@@ -209,11 +209,13 @@ def format_table(rows: list) -> str:
              f"  {'impl':<18}{'U-Net step ms':>14}{'vs stock':>9}{'decode ms':>11}{'vs stock':>9}"
              f"{'U-Net peak MiB':>15}{'decode peak MiB':>16}  note"]
 
-    def f(v, spec, scale=1.0):
-        return format(v / scale, spec) if isinstance(v, (int, float)) else "-"
+    def f(v, spec, scale=1.0, suffix=""):
+        width = int(spec.split(".")[0]) + len(suffix)
+        return format(v / scale, spec) + suffix if isinstance(v, (int, float)) else "-".rjust(width)
     for r in rows:
-        lines.append(f"  {r['impl']:<18}{f(r.get('unet_ms'), '14.2f')}{f(r.get('unet_speedup_vs_stock'), '8.2f')}x"
-                     f"{f(r.get('decode_ms'), '11.2f')}{f(r.get('decode_speedup_vs_stock'), '8.2f')}x"
+        lines.append(f"  {r['impl']:<18}{f(r.get('unet_ms'), '14.2f')}"
+                     f"{f(r.get('unet_speedup_vs_stock'), '8.2f', 1, 'x')}"
+                     f"{f(r.get('decode_ms'), '11.2f')}{f(r.get('decode_speedup_vs_stock'), '8.2f', 1, 'x')}"
                      f"{f(r.get('unet_peak_bytes'), '15.1f', 2**20)}{f(r.get('decode_peak_bytes'), '16.1f', 2**20)}"
                      f"  {r.get('note') or ''}")
     return "\n".join(lines)

@@ -584,7 +584,8 @@ class FusedDPMSolverMultistepScheduler(_FusedVP):
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator: Generator = None,
              variance_noise: Optional[torch.Tensor] = None, return_dict: bool = True, *,
-             key: Optional[torch.Tensor] = None, uncond_output: Optional[torch.Tensor] = None, guidance_scale: float = 1.0,
+             key: Optional[torch.Tensor] = None, uncond_output: Optional[torch.Tensor] = None,
+             guidance_scale: float = 1.0,
              guidance_rescale: float = 0.0) -> Union[SchedulerOutput, tuple]:
         """One DPM-Solver++ step, one fused kernel launch.
 
@@ -751,7 +752,8 @@ class FusedUniPCMultistepScheduler(_FlowShift, _FusedVP):
         Returns: ``SchedulerOutput(prev_sample)`` or ``(prev_sample,)``.
         """
         self._ready(timestep, sample)
-        prev, _ = self._fused(model_output, sample, thresholding=bool(self.config.thresholding), guidance=(uncond_output, guidance_scale, guidance_rescale))
+        prev, _ = self._fused(model_output, sample, thresholding=bool(self.config.thresholding),
+                              guidance=(uncond_output, guidance_scale, guidance_rescale))
         if not return_dict:
             return (prev,)
         return SchedulerOutput(prev_sample=prev)
@@ -984,11 +986,13 @@ class FusedEulerDiscreteScheduler(_FusedVE):
             base = self._coeffs
             self._coeffs = rows
             try:
-                prev, x0 = self._fused(model_output, sample, want_x0=True, guidance=(uncond_output, guidance_scale, guidance_rescale))
+                prev, x0 = self._fused(model_output, sample, want_x0=True,
+                                       guidance=(uncond_output, guidance_scale, guidance_rescale))
             finally:
                 self._coeffs = base
         else:
-            prev, x0 = self._fused(model_output, sample, want_x0=True, guidance=(uncond_output, guidance_scale, guidance_rescale))
+            prev, x0 = self._fused(model_output, sample, want_x0=True,
+                                   guidance=(uncond_output, guidance_scale, guidance_rescale))
         if not return_dict:
             return prev, x0
         return EulerDiscreteSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
@@ -1033,7 +1037,8 @@ class FusedEulerAncestralDiscreteScheduler(_FusedVE):
             raise TypeError(f"model_output must be a torch.Tensor, got {type(model_output).__name__}")
         noise, k = self._draw(model_output.shape, generator, sample.device, model_output.dtype, None, key,
                               sample.dtype, needed=True)
-        prev, x0 = self._fused(model_output, sample, noise=noise, key=k, want_x0=True, guidance=(uncond_output, guidance_scale, guidance_rescale))
+        prev, x0 = self._fused(model_output, sample, noise=noise, key=k, want_x0=True,
+                               guidance=(uncond_output, guidance_scale, guidance_rescale))
         if not return_dict:
             return prev, x0
         return EulerAncestralDiscreteSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
@@ -1189,7 +1194,8 @@ class FusedFlowMatchEulerDiscreteScheduler(_FlowShift, _FusedMultistep):
         stochastic = bool(self.config.stochastic_sampling)
         noise, k = self._draw(sample.shape, generator, sample.device, torch.float32, None, key if stochastic else None,
                               sample.dtype, needed=stochastic)
-        prev, _ = self._fused(model_output, sample, noise=noise, key=k, guidance=(uncond_output, guidance_scale, guidance_rescale))
+        prev, _ = self._fused(model_output, sample, noise=noise, key=k,
+                              guidance=(uncond_output, guidance_scale, guidance_rescale))
         if not return_dict:
             return (prev,)
         return FlowMatchEulerDiscreteSchedulerOutput(prev_sample=prev)
