@@ -723,6 +723,23 @@ class Trainer:
                 "loss_plot": loss_plot, "log_csv": os.path.join(self.out_dir, "log.csv"),
                 "log_json": os.path.join(self.out_dir, "log.json"), "history": list(self.history)}
 
+    def train_step(self, x0: Tensor) -> None:
+        """One training step on the batch ``x0`` (on the device) outside
+        :meth:`train` -- for benchmarks and custom loops: the step of
+        ``config.step_mode`` (random flips included), then ``step`` += 1.
+        Nothing is logged, checkpointed or checked for divergence; the
+        device-side loss/grad-norm sums keep accumulating."""
+        if getattr(self, "_loss_sum", None) is None:
+            dev = self.device
+            self._loss_sum = torch.zeros((), device=dev)
+            self._gn_sum = torch.zeros((), device=dev)
+            self._count = 0
+            self._bad = torch.full((), _NO_BAD_STEP, dtype=torch.int64, device=dev)
+            self._no_bad = self._bad.clone()
+            self._dev_step = torch.full((), self.step, dtype=torch.int64, device=dev)
+        self._train_step(x0)
+        self.step += 1
+
     def close(self):
         """Leave the process group if this trainer created it."""
         if self._owns_group and _dist() is not None:
