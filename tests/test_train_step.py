@@ -34,9 +34,9 @@ def mlp_diffusion(seed=0):
     return GaussianDiffusion(MLPDenoiser(hidden=32, layers=2), num_timesteps=50, clip_sample=False)
 
 
-def unet_diffusion(seed=0, dropout=0.1, device="cpu"):
+def unet_diffusion(seed=0, dropout=0.1, device="cpu", levels=(1, 2)):
     torch.manual_seed(seed)
-    unet = UNet(in_ch=1, out_ch=1, ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), image_size=8,
+    unet = UNet(in_ch=1, out_ch=1, ch=8, ch_mult=levels, num_res_blocks=1, attn_resolutions=(8 // 2 ** (len(levels) - 1),), image_size=8,
                 dropout=dropout, groups=4)
     return GaussianDiffusion(unet, num_timesteps=20).to(device)
 
@@ -103,7 +103,8 @@ def test_ema_weight_and_tensor_update():
 def test_compile_matches_eager_over_20_steps(tmp_path, roll, digits8, model):
     """aot_eager: dynamo + AOT autograd tracing of the whole step (the fused ops' fakes and
     autograd included) without inductor's code generation wait; inductor: the next test."""
-    make, data = (mlp_diffusion, roll) if model == "mlp" else (unet_diffusion, digits8)
+    # the U-Net: one level (GroupNorm+SiLU, time embedding, attention, dropout) keeps the trace short
+    make, data = (mlp_diffusion, roll) if model == "mlp" else (lambda: unet_diffusion(levels=(1,)), digits8)
     e = Trainer(make(), data, cfg(tmp_path, "e"))
     he = e.train()["history"]
     c = Trainer(make(), data, cfg(tmp_path, "c", step_mode="compile", compile="aot_eager"))
@@ -185,6 +186,22 @@ def test_fp16_falls_back_to_eager(tmp_path, roll):
         tr = Trainer(mlp_diffusion(), roll, cfg(tmp_path, step_mode="compile", precision="fp16", steps=2))
     assert tr._step_runner is None
     assert tr.train()["steps"] == 2
+
+
+@pytest.mark.parametrize("mode,world,device,precision,want,warn", [
+    ("eager", 1, "cpu", "fp32", "eager", None), ("compile", 1, "cpu", "bf16", "compile", None),
+    ("graph", 1, "cpu", "fp32", "compile", "needs a CUDA device"), ("graph", 1, "cuda", "bf16", "graph", None),
+    ("graph", 2, "cuda", "bf16", "eager", "under DDP"), ("compile", 4, "cpu", "fp32", "eager", "under DDP"),
+    ("graph", 1, "cuda", "fp16", "eager", "GradScaler")])
+def test_resolve_mode(mode, world, device, precision, want, warn):
+    from types import SimpleNamespace
+
+    from fastdiff.train.step import resolve_mode
+
+    tr = SimpleNamespace(config=TrainConfig(step_mode=mode, precision=precision), world_size=world,
+                         device=torch.device(device))
+    got, why = resolve_mode(tr)
+    assert got == want and (why is None if warn is None else warn in why)
 
 
 @pytest.mark.parametrize("field,value", [("step_mode", "fast"), ("device_data", True), ("random_flip", 1)])
