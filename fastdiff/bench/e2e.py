@@ -914,7 +914,7 @@ def format_table(rows: list) -> str:
                          "" if r["speedup_vs_diffusers_compile"] is None else
                          f"{r['speedup_vs_diffusers_compile']:.2f}x"])
             if train:
-                body[-1] += [_f(r.get("tflops"), ".2f"), _f(r.get("pct_bf16_peak"), ".1f")]
+                body[-1] += [_f(r.get("tflops"), ".3g"), _f(r.get("pct_bf16_peak"), ".1f")]
                 if loops:
                     body[-1] += ["" if r.get(k) is None else f"{r[k]:.2f}x"
                                  for k in ("speedup_vs_diffusers_loop", "speedup_vs_diffusers_loop_compile")]
