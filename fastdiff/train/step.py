@@ -260,6 +260,9 @@ class StepRunner:
         if x0.device.type == "cpu" and not x0.is_pinned():
             x0 = x0.pin_memory()
         self._static_x.copy_(x0, non_blocking=True)
+        if self._graph is False:  # capture failed once: the same step, uncaptured
+            self._full(self._static_x)
+            return
         if self._graph is not None:
             self._graph.replay()
             return
@@ -275,9 +278,17 @@ class StepRunner:
             self._warm += 1
             return
         g = torch.cuda.CUDAGraph()
-        g.register_generator_state(self.tr.generator)
-        with torch.cuda.graph(g):
+        try:
+            g.register_generator_state(self.tr.generator)
+            with torch.cuda.graph(g):
+                self._full(self._static_x)
+        except Exception as e:  # nothing ran inside the capture: run this step (and the rest) uncaptured
+            warnings.warn(f"CUDA-graph capture of the training step failed ({type(e).__name__}: "
+                          f"{str(e).strip()[:300]}); the step runs uncaptured (same maths, host-bound)", stacklevel=3)
+            self._graph = False
+            torch.cuda.synchronize(self.device)
             self._full(self._static_x)
+            return
         self._graph = g
         g.replay()  # the capture recorded the step without running it
 
