@@ -199,9 +199,13 @@ def test_resolve_mode(mode, world, device, precision, want, warn):
     from fastdiff.train.step import resolve_mode
 
     tr = SimpleNamespace(config=TrainConfig(step_mode=mode, precision=precision), world_size=world,
-                         device=torch.device(device))
+                         device=torch.device(device), diffusion=mlp_diffusion(), _labels=None)
     got, why = resolve_mode(tr)
     assert got == want and (why is None if warn is None else warn in why)
+    if mode != "eager" and precision != "fp16":
+        tr._labels = torch.zeros(3, dtype=torch.int64)  # class-conditional: the eager step
+        got, why = resolve_mode(tr)
+        assert got == "eager" and "conditional" in why
 
 
 @pytest.mark.parametrize("field,value", [("step_mode", "fast"), ("device_data", True), ("random_flip", 1)])

@@ -102,6 +102,9 @@ def resolve_mode(trainer) -> tuple[str, Optional[str]]:
     if cfg.precision == "fp16":
         return "eager", (f"step_mode={mode!r} with precision='fp16': the GradScaler skips steps on the host, "
                          f"so the eager step runs (use 'bf16' for a compiled or graphed step)")
+    if getattr(trainer, "_labels", None) is not None or type(trainer.diffusion).__name__ != "GaussianDiffusion":
+        return "eager", (f"step_mode={mode!r} with a conditional or latent diffusion: the compiled / graphed "
+                         f"step takes neither labels nor an encoder yet, so the eager step runs")
     if trainer.world_size > 1:
         return "eager", (f"step_mode={mode!r} under DDP: the step cannot be one graph (DDP's all-reduce hooks "
                          f"split it); running the eager step with the forward under torch.compile")
