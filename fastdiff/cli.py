@@ -101,6 +101,15 @@ def _add_train(sub) -> None:
                    help="fp32, or bf16/fp16 autocast (fp16 with a GradScaler); default fp32")
     p.add_argument("--channels-last", action="store_true", help="keep images and the model channels_last")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--step-mode", choices=("eager", "compile", "graph"), default="eager",
+                   help="the training step: eager (op by op; default), compile (the whole step, backward, AdamW "
+                        "and EMA included, under torch.compile(fullgraph=True)) or graph (the whole step captured "
+                        "in one CUDA graph and replayed; on a CPU: compile)")
+    p.add_argument("--device-data", choices=("auto", "on", "off"), default="auto",
+                   help="keep an in-memory dataset on the training device (8-bit images as uint8, converted there): "
+                        "auto (when it fits in 1/4 of the GPU memory; default), on, off")
+    p.add_argument("--random-flip", action="store_true",
+                   help="flip images left-right with probability 1/2 (the DDPM CIFAR-10 augmentation)")
     p.add_argument("--schedule", choices=("linear", "cosine", "scaled_linear", "sigmoid"), default="linear",
                    help="beta schedule (default: linear, as in DDPM)")
     p.add_argument("--timesteps", type=int, default=1000, help="diffusion steps T (default: 1000)")
@@ -245,6 +254,7 @@ def _cmd_train(args) -> int:
             log_every=args.log_every, checkpoint_every=args.checkpoint_every, sample_every=args.sample_every,
             num_samples=args.num_samples, sample_steps=args.sample_steps, sample_method=args.sample_method,
             progress=not args.no_progress, device=device)
+        config.step_mode, config.device_data, config.random_flip = args.step_mode, args.device_data, args.random_flip
         trainer = Trainer(diffusion, dataset, config, resume=args.resume)
     except (ValueError, FileNotFoundError) as e:
         print(f"fastdiff train: error: {e}", file=sys.stderr)

@@ -229,3 +229,42 @@ def test_report_writes_readme_and_charts(tmp_path):
     readme.write_text("# no markers\n")
     with pytest.raises(ValueError, match="README.md"):
         R.main(["--results", str(res), "--readme", str(readme)])
+
+
+# ---------------------------------------------- training loops, EMA, FLOPs --
+def test_train_loop_rows_flops_and_speedups():
+    rows = E.run("train", "cpu", quick=True, impls=["diffusers-loop", "diffusers-loop-foreach", "fastdiff-step",
+                                                     "fastdiff-step-graph"], breakdown=False, memory=False)
+    by = {r["impl"]: r for r in rows}
+    assert "CUDA graphs need a GPU" in by["fastdiff-step-graph"]["note"]
+    for k in ("diffusers-loop", "diffusers-loop-foreach", "fastdiff-step"):
+        r = by[k]
+        assert r["median_ms"] > 0 and r["train_flops"] > 0 and r["tflops"] > 0
+        assert r["pct_bf16_peak"] is None  # no peak on a CPU
+    assert by["diffusers-loop"]["speedup_vs_diffusers_loop"] is None  # not against itself
+    assert by["fastdiff-step"]["speedup_vs_diffusers_loop"] == pytest.approx(
+        by["diffusers-loop"]["median_ms"] / by["fastdiff-step"]["median_ms"])
+    table = E.format_table(rows)
+    assert "% bf16 peak" in table and "vs diff.loop" in table
+    # the sampling suite does not run training loops by default
+    assert not any(k in E.TRAIN_LOOPS for k in
+                   [r["impl"] for r in E.run("sample", "cpu", quick=True, methods=["ddim"], impls=None,
+                                             breakdown=False, memory=False, ddim_steps=1)
+                    if r["median_ms"] is not None or "training configuration" in r["note"]])
+
+
+def test_train_flops_counts_forward_and_backward():
+    case = E.Case("train", "cpu", "tiny", 2, torch.float32, "NCHW")
+    f2 = E.train_flops(case)
+    f4 = E.train_flops(E.Case("train", "cpu", "tiny", 4, torch.float32, "NCHW"))
+    assert f2 > 0 and f4 == pytest.approx(2 * f2, rel=1e-6)  # linear in the batch
+    assert E.bf16_peak_tflops("cpu") is None
+    names = [k for k, _ in E.BF16_PEAK_TFLOPS]
+    assert names.index("H100 PCIe") < names.index("H100") and names.index("L40S") < names.index("L4")
+
+
+def test_ema_update_timing_tiny():
+    r = E.ema_update_timing("tiny", "cpu", reps=2)
+    assert r["params"] == 177_427 and set(r["median_ms"]) == {
+        "fastdiff EMA", "diffusers EMAModel(foreach=False)", "diffusers EMAModel(foreach=True)"}
+    assert r["speedup_vs_foreach_false"] > 0 and r["speedup_vs_foreach_true"] > 0

@@ -184,6 +184,21 @@ def test_train_resume_continues(roll_run, tmp_path):
     assert [row["step"] for row in log] == [10, 20, 30, 40, 50]
 
 
+def test_train_step_mode_flags(tmp_path):
+    """--step-mode / --device-data / --random-flip reach TrainConfig (the compiled modes themselves are
+    tested in tests/test_train_step.py: here fp16 makes graph fall back to the eager step, with one warning)."""
+    common = ("train", "--dataset", "swissroll", "--steps", "3", "--batch", "16", "--timesteps", "20",
+              "--num-samples", "0", "--no-progress", "--threads", "1")
+    r = _run(*common, "--step-mode", "graph", "--precision", "fp16", "--device-data", "off", "--out",
+             str(tmp_path / "a"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr.count("step_mode='graph' with precision='fp16'") == 1
+    cfg = json.loads((tmp_path / "a" / "log.json").read_text())["config"]
+    assert cfg["step_mode"] == "graph" and cfg["device_data"] == "off" and not cfg["random_flip"]
+    r = _run(*common, "--random-flip", "--out", str(tmp_path / "b"))
+    assert r.returncode == 2 and "random_flip needs image data" in r.stderr
+
+
 @pytest.mark.parametrize("method,ext", [("ddpm", "png"), ("ddim", "npz")])
 def test_sample(roll_run, tmp_path, method, ext):
     import numpy as np

@@ -213,6 +213,9 @@ def add_options(parser: argparse.ArgumentParser) -> None:
                    help="time the model alone for the model/non-model breakdown (default on)")
     g.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
                    help="measure the peak memory of each configuration (default on)")
+    g.add_argument("--ema", nargs="?", const="ddpm-cifar10", default=None, metavar="PRESET",
+                   help="bench train: also time one EMA update of PRESET's parameters (default ddpm-cifar10), "
+                        "fastdiff's EMA vs diffusers' EMAModel(foreach=False / True)")
     g.add_argument("--profile", metavar="DIR", default=None,
                    help="torch.profiler each configuration (2 training steps / a 3-step sampling run): Chrome "
                         "traces in DIR, the top ops in the JSON rows")
@@ -267,9 +270,16 @@ def run_cli(suite: str, args: argparse.Namespace) -> int:
     if latent_rows is not None:
         print(latent_table(latent_rows))
         rows = rows + latent_rows
+    ema = None
+    if suite == "train" and a("ema"):
+        ema = E.ema_update_timing(a("ema"), device)
+        med = ", ".join(f"{k} {v:.2f} ms" for k, v in ema["median_ms"].items())
+        print(f"\nEMA update, {ema['preset']} ({ema['params']:,} params) on {device}: {med}; fastdiff is "
+              f"{ema['speedup_vs_foreach_false']:.2f}x EMAModel(foreach=False), "
+              f"{ema['speedup_vs_foreach_true']:.2f}x EMAModel(foreach=True)")
     if a("json"):
         meta = E.metadata(device, suite=suite, quick=bool(a("quick")), malloc=malloc_note or "default",
-                        argv=sys.argv[1:])
+                        argv=sys.argv[1:], **({"ema_update": ema} if ema else {}))
         E.write_json(a("json"), rows, meta)
         log(f"results written to {a('json')}")
     if a("plot") and e2e_rows:

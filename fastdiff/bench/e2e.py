@@ -83,8 +83,23 @@ IMPLS = {
     "fastdiff": "fastdiff.nn.UNet preset + GaussianDiffusion, eager",
     "fastdiff-compile": "the same, the model under torch.compile",
     "fastdiff-graph": "the same, sample(cuda_graph=True) (sampling, GPU only)",
+    # training only: the whole loop of a training step as users run it (see TRAIN_LOOPS)
+    "diffusers-loop": "train_unconditional's step: add_noise, UNet2DModel, F.mse_loss, clip, AdamW, lr schedule, "
+                      "EMAModel(foreach=False)",
+    "diffusers-loop-foreach": "the same with EMAModel(foreach=True)",
+    "diffusers-loop-compile": "the same (EMA foreach) with torch.compile(unet)",
+    "fastdiff-step": "fastdiff.train.Trainer's step, step_mode='eager' (fused q_sample/loss, clip, AdamW, EMA)",
+    "fastdiff-step-compile": "the same, step_mode='compile' (the whole step under torch.compile(fullgraph=True))",
+    "fastdiff-step-graph": "the same, step_mode='graph' (the whole step one CUDA graph; GPU only)",
 }
-BASELINES = ("diffusers", "diffusers-compile")
+TRAIN_LOOPS = ("diffusers-loop", "diffusers-loop-foreach", "diffusers-loop-compile", "fastdiff-step",
+               "fastdiff-step-compile", "fastdiff-step-graph")
+# dense bf16 tensor-core peak (TFLOP/s, no sparsity) by device name; matched by substring, first hit wins
+BF16_PEAK_TFLOPS = (("H200", 989.4), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("GH200", 989.4),
+                    ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.1), ("L40", 181.0),
+                    ("L4", 121.0), ("A10G", 70.0), ("A10", 125.0), ("RTX 4090", 165.2), ("RTX 3090", 71.0),
+                    ("V100", 125.0))
+BASELINES = ("diffusers", "diffusers-compile", "diffusers-loop", "diffusers-loop-compile")
 T_TRAIN = 1000
 
 # (preset, training batch, images per sampling run, DDPM steps, DDIM steps)
@@ -235,6 +250,8 @@ def _models(case: Case, impl: str):
 
 # ----------------------------------------------------------- training -------
 def _build_train(case: Case, impl: str) -> Built:
+    if impl in TRAIN_LOOPS:
+        return _build_train_loop(case, impl)
     dev, amp = case.device, _amp(case.device, case.dtype)
     model, params, note = _models(case, impl)
     img_shape = None
@@ -294,6 +311,143 @@ def _build_train(case: Case, impl: str) -> Built:
                  profile=lambda: [step(i % nsets) for i in range(2)])
 
 
+def _build_train_loop(case: Case, impl: str) -> Built:
+    """The whole training step as users run it (``TRAIN_LOOPS``): for
+    diffusers, the step of its ``train_unconditional`` example (noise,
+    timesteps, ``add_noise``, the model, ``F.mse_loss`` in fp32, backward,
+    ``clip_grad_norm_(1.0)``, AdamW, the cosine lr schedule, zero_grad,
+    ``EMAModel.step`` with the example's warm-up EMA); for fastdiff, one
+    :meth:`fastdiff.train.Trainer.train_step` (the same work, fused) in the
+    case's step mode. Both take their batches from the same pre-made device
+    tensors."""
+    import tempfile
+
+    dev, amp = case.device, _amp(case.device, case.dtype)
+    if impl == "fastdiff-step-graph" and dev != "cuda":
+        raise timing.Skip("skipped: CUDA graphs need a GPU (on a CPU step_mode='graph' runs 'compile')")
+    model, params, note = _models(case, impl)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    size = model.config["image_size"] if impl.startswith("fastdiff") else model.config.sample_size
+    in_ch = model.in_ch if impl.startswith("fastdiff") else model.config.in_channels
+    nsets = 2
+    xs = [(torch.rand((case.batch, in_ch, size, size), generator=gen, device=dev) * 2 - 1)
+          .contiguous(memory_format=case.fmt) for _ in range(nsets)]
+    if impl.startswith("fastdiff"):
+        from fastdiff.train import TrainConfig, Trainer
+        GD = _gaussian_diffusion()
+        diffusion = GD(model, "linear", num_timesteps=T_TRAIN, sample_shape=(in_ch, size, size))
+        prec = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[case.dtype]
+        mode = {"fastdiff-step": "eager", "fastdiff-step-compile": "compile", "fastdiff-step-graph": "graph"}[impl]
+        cfg = TrainConfig(steps=10**6, batch_size=case.batch, lr=1e-4, warmup_steps=500, lr_schedule="cosine",
+                          grad_clip=1.0, ema_decay=0.9999, precision=prec, channels_last=case.layout == "NHWC",
+                          step_mode=mode, device=dev, out_dir=tempfile.mkdtemp(prefix="fastdiff-bench-"),
+                          num_samples=0, progress=False)
+        tr = Trainer(diffusion, xs[0][:1].float().cpu().contiguous(), cfg)
+
+        def step(i):
+            tr.train_step(xs[i])
+        state = lambda: list(tr.optimizer.state.values()) + [{"": p} for p in tr.ema.model.parameters()]  # noqa
+    else:
+        diffusers = _diffusers()
+        from diffusers.optimization import get_scheduler
+        from diffusers.training_utils import EMAModel
+
+        sched = diffusers.DDPMScheduler(num_train_timesteps=T_TRAIN, beta_schedule="linear")
+        net = torch.compile(model) if impl == "diffusers-loop-compile" else model
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8)
+        lr_sched = get_scheduler("cosine", optimizer=opt, num_warmup_steps=500, num_training_steps=10**6)
+        ema = EMAModel(model.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4,
+                       foreach=impl != "diffusers-loop")
+
+        def step(i):
+            x0 = xs[i]
+            noise = torch.randn_like(x0)
+            t = torch.randint(0, T_TRAIN, (x0.shape[0],), device=x0.device)
+            xt = sched.add_noise(x0, noise, t)
+            with amp():
+                out = _out(net(xt, t))
+            loss = F.mse_loss(out.float(), noise.float())
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            lr_sched.step()
+            opt.zero_grad(set_to_none=True)
+            ema.step(model.parameters())
+        state = lambda: list(opt.state.values()) + [{"": p} for p in ema.shadow_params]  # noqa: E731
+    step(0)  # optimizer state, EMA, compilation / capture
+    base = timing.storage_bytes(list(model.parameters()) + [t for s in state() for t in s.values()
+                                                            if isinstance(t, torch.Tensor)] + xs)
+    return Built(run=step, model_only=None, mem=lambda: step(1), base_bytes=base, params=params, note=note,
+                 profile=lambda: [step(i % nsets) for i in range(2)])
+
+
+def train_flops(case: Case) -> Optional[float]:
+    """FLOPs of one training step's model forward + backward at the case's
+    batch (torch.utils.flop_counter on the fastdiff U-Net with stock ops:
+    convolutions, matmuls, attention; the elementwise work is not counted),
+    or None if they cannot be counted."""
+    try:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        from fastdiff.nn import UNet, unfused
+        m = UNet.from_preset(case.preset).to(case.device)
+        size = m.config["image_size"]
+        x = torch.randn(case.batch, m.in_ch, size, size, device=case.device)
+        t = torch.randint(0, T_TRAIN, (case.batch,), device=case.device)
+        with FlopCounterMode(display=False) as fc, unfused():
+            m(x, t).float().square().mean().backward()
+        return float(fc.get_total_flops())
+    except Exception:
+        return None
+
+
+def bf16_peak_tflops(device: str) -> Optional[float]:
+    """The dense bf16 peak of this GPU from :data:`BF16_PEAK_TFLOPS`, or None (CPU, unknown GPU)."""
+    if device != "cuda":
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in BF16_PEAK_TFLOPS if k in name), None)
+
+
+def _add_flops(rows: Sequence[dict], flops: Optional[float], peak: Optional[float]) -> None:
+    for r in rows:
+        ok = flops and r.get("median_ms")
+        r["train_flops"] = flops
+        r["tflops"] = flops / (r["median_ms"] * 1e-3) / 1e12 if ok else None
+        r["pct_bf16_peak"] = 100.0 * r["tflops"] / peak if ok and peak else None
+
+
+def ema_update_timing(preset: str = "ddpm-cifar10", device: str = "cpu", reps: int = 7) -> dict:
+    """One EMA update of ``preset``'s parameters: fastdiff's :class:`EMA`
+    (``_foreach_lerp_``) against diffusers' ``EMAModel.step`` with
+    ``foreach=False`` (its default) and ``foreach=True``, interleaved, the
+    median ms of each and the ratios."""
+    from fastdiff.nn import UNet
+    from fastdiff.train import EMA
+    from diffusers.training_utils import EMAModel
+
+    model = UNet.from_preset(preset).to(device)
+    fd = EMA(model, 0.9999, warmup=True)
+    slow = EMAModel(model.parameters(), decay=0.9999, use_ema_warmup=True, foreach=False)
+    fast = EMAModel(model.parameters(), decay=0.9999, use_ema_warmup=True, foreach=True)
+    fns = {"fastdiff EMA": fd.update, "diffusers EMAModel(foreach=False)": lambda: slow.step(model.parameters()),
+           "diffusers EMAModel(foreach=True)": lambda: fast.step(model.parameters())}
+    times: dict = {k: [] for k in fns}
+    for r in range(reps + 1):
+        for k, fn in fns.items():
+            timing.sync(device)
+            t0 = time.perf_counter()
+            fn()
+            timing.sync(device)
+            if r:  # the first round is the warm-up
+                times[k].append((time.perf_counter() - t0) * 1e3)
+    med = {k: timing.stats(v)["median_ms"] for k, v in times.items()}
+    f = med["fastdiff EMA"]
+    return {"preset": preset, "params": n_params(model), "device": device, "median_ms": med,
+            "speedup_vs_foreach_false": med["diffusers EMAModel(foreach=False)"] / f,
+            "speedup_vs_foreach_true": med["diffusers EMAModel(foreach=True)"] / f}
+
+
 # ----------------------------------------------------------- sampling -------
 def _to_host(x: torch.Tensor):
     """The pipelines' output_type="np": [0, 1], NHWC, float32 numpy on the host."""
@@ -318,6 +472,8 @@ def _build_sample(case: Case, impl: str) -> Built:
     dev, amp, n = case.device, _amp(case.device, case.dtype), case.batch
     if impl == "fastdiff-graph" and dev != "cuda":
         raise timing.Skip("skipped: CUDA graphs need a GPU")
+    if impl in TRAIN_LOOPS:
+        raise timing.Skip("skipped: a training configuration")
     model, params, note = _models(case, impl)
     model.eval()
     if impl.startswith("fastdiff"):
@@ -525,7 +681,8 @@ def run(suite: str = "train", device: str = "auto", *, preset: Optional[str] = N
     for m, s in steps.items():
         if not 1 <= s <= T_TRAIN:
             raise ValueError(f"{m}_steps must be in [1, {T_TRAIN}], got {s}")
-    impls = list(impls) if impls else [k for k in IMPLS if suite == "sample" or k != "fastdiff-graph"]
+    impls = list(impls) if impls else [k for k in IMPLS if (k not in TRAIN_LOOPS if suite == "sample" else
+                                                            k != "fastdiff-graph")]
     for k in impls:
         if k not in IMPLS:
             raise ValueError(f"impls must be among {', '.join(IMPLS)}, got {k!r}")
@@ -676,6 +833,8 @@ def run(suite: str = "train", device: str = "auto", *, preset: Optional[str] = N
                 measure(k, built[k], st, model_res.get(k))
             built.clear()
             timing.free(device)
+        if suite == "train":
+            _add_flops(list(case_rows.values()), train_flops(case), bf16_peak_tflops(device))
         rows += [case_rows[impl] for impl in impls]
     return add_speedups(rows)
 
@@ -735,10 +894,13 @@ def format_table(rows: list) -> str:
         head = ["impl", "median ms", "p20 ms", "p80 ms", "img/s", "img/s p20-p80",
                 "model ms" if train else "model ms/call", "overhead ms" if train else "non-model us/step",
                 "peak MiB", "vs diffusers", "vs diff.compile"]
+        loops = train and any(r["impl"] in TRAIN_LOOPS for r in rs)
+        if train:
+            head += ["TFLOP/s", "% bf16 peak"] + (["vs diff.loop", "vs loop.compile"] if loops else [])
         body = []
         for r in rs:
             if r["median_ms"] is None:
-                body.append([r["impl"]] + ["-"] * 8 + ["", ""])
+                body.append([r["impl"]] + ["-"] * 8 + ["", ""] + ["-"] * (len(head) - 11))
                 notes.append(f"{r['suite']} {r.get('method') or ''} {r['dtype']} {r['layout']} {r['impl']}: "
                              f"{r['note'] or 'not run'}".replace("  ", " "))
                 continue
@@ -751,6 +913,11 @@ def format_table(rows: list) -> str:
                          "" if r["speedup_vs_diffusers"] is None else f"{r['speedup_vs_diffusers']:.2f}x",
                          "" if r["speedup_vs_diffusers_compile"] is None else
                          f"{r['speedup_vs_diffusers_compile']:.2f}x"])
+            if train:
+                body[-1] += [_f(r.get("tflops"), ".3g"), _f(r.get("pct_bf16_peak"), ".1f")]
+                if loops:
+                    body[-1] += ["" if r.get(k) is None else f"{r[k]:.2f}x"
+                                 for k in ("speedup_vs_diffusers_loop", "speedup_vs_diffusers_loop_compile")]
             if r.get("note") and not r["note"].startswith("patched"):
                 notes.append(f"{r['suite']} {r.get('method') or ''} {r['dtype']} {r['layout']} {r['impl']}: "
                              f"{r['note']}".replace("  ", " "))

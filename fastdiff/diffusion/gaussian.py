@@ -328,7 +328,8 @@ class GaussianDiffusion(nn.Module):
     # ---------------------------------------------------------------- loss --
     def forward(self, x0: Tensor, *, t=None, generator: Optional[torch.Generator] = None,
                 reduction: str = "mean", check_finite: Optional[bool] = None, class_labels=None,
-                context: Optional[Tensor] = None) -> Tensor:
+                context: Optional[Tensor] = None,
+                key: Optional[Tensor] = None) -> Tensor:
         """The training loss on a batch of clean data.
 
         x_t is made by the fused ``q_sample`` with in-kernel noise drawn from a
@@ -354,6 +355,10 @@ class GaussianDiffusion(nn.Module):
                 replaced by the null condition with that probability, decided
                 by uniforms drawn from ``generator`` after t and the noise key
                 (so a seeded run, and a resumed one, drops the same samples).
+            key: the noise key (int64 [seed, offset] on x0's device, see
+                :func:`fastdiff.draw_key`); default: drawn from ``generator``
+                after t. The trainer's compiled/graphed step draws t and the
+                key outside and passes them in.
 
         Returns: the loss, float32 scalar (or (N,) with reduction="none").
         """
@@ -370,7 +375,8 @@ class GaussianDiffusion(nn.Module):
             t = self._timesteps(t, n, dev)
         # x0 and t are checked above, once: the rest runs on the checked-once path (fastdiff.ops.direct)
         abar = self.alphas_cumprod
-        key = _ops.draw_key(generator, dev).to(dev)
+        if key is None:
+            key = _ops.draw_key(generator, dev).to(dev)
         cond = self._condition(n, dev, class_labels, context, default_null=True)
         if cond and self.training and self.cond_drop_prob > 0 and (class_labels is not None or context is not None):
             gdev = generator.device if generator is not None else dev

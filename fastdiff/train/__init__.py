@@ -7,7 +7,9 @@ The modules: :mod:`.config` (:class:`TrainConfig`), :mod:`.ema`
 (:class:`EMA`), :mod:`.checkpoint` (atomic writes, readers),
 :mod:`.images` (sample grids, scatter plots, the loss curve) and
 :mod:`.trainer` (:class:`Trainer`: the step, the seeded data order,
-resume, DDP). How a step, exact resume and atomic checkpoints work is
+resume, DDP), :mod:`.step` (the compiled / CUDA-graphed step of
+``TrainConfig.step_mode``) and :mod:`.device_data` (datasets kept on the
+device, random flips). How a step, exact resume and atomic checkpoints work is
 described in :mod:`fastdiff.train.trainer`.
 """
 from .checkpoint import CHECKPOINT_DIR, build_from_checkpoint, find_checkpoint, load_checkpoint, read_checkpoint_meta

@@ -55,6 +55,21 @@ class TrainConfig:
             train on the cached latents. None (auto): when they fit in
             ``fastdiff.diffusion.latent.LATENT_CACHE_BYTES`` (2 GiB of
             float32); True: always; False: encode every batch in the step.
+        step_mode: ``"eager"`` (op by op), ``"compile"`` (the whole step after
+            the random draws under ``torch.compile(fullgraph=True)``, backend
+            from ``compile`` if it is a name, else inductor) or ``"graph"``
+            (the whole step captured in one CUDA graph and replayed; on a CPU
+            it falls back to "compile"); see :mod:`fastdiff.train.step`.
+        device_data: where an in-memory dataset's samples live: ``"auto"``
+            (on the training device when they fit: up to 1/4 of the GPU's
+            memory; always on a CPU), ``"on"`` or ``"off"`` (gathered on the
+            host and copied per batch). Image data whose values are exactly
+            k/127.5 - 1 (8-bit images: CIFAR-10, folders) are kept as uint8
+            and converted on the device.
+        random_flip: flip each image horizontally with probability 1/2 (the
+            DDPM CIFAR-10 augmentation); the flips are a function of (seed,
+            step, rank), so resume stays exact; applied on the device with
+            device-resident data.
     """
 
     steps: int = 1000
@@ -82,6 +97,9 @@ class TrainConfig:
     num_workers: int = 0
     progress: bool = True
     cache_latents: Optional[bool] = None
+    step_mode: str = "eager"
+    device_data: str = "auto"
+    random_flip: bool = False
 
     def validate(self) -> "TrainConfig":
         def bad(name, want):
@@ -114,6 +132,12 @@ class TrainConfig:
             bad("precision", "one of 'fp32', 'bf16', 'fp16'")
         if self.lr_schedule not in ("constant", "cosine"):
             bad("lr_schedule", "'constant' or 'cosine'")
+        if self.step_mode not in ("eager", "compile", "graph"):
+            bad("step_mode", "one of 'eager', 'compile', 'graph'")
+        if self.device_data not in ("auto", "on", "off"):
+            bad("device_data", "one of 'auto', 'on', 'off'")
+        if not isinstance(self.random_flip, bool):
+            bad("random_flip", "a bool")
         if self.sample_method not in ("ddpm", "ddim"):
             bad("sample_method", "'ddpm' or 'ddim'")
         if self.sample_steps is not None and (not is_int(self.sample_steps) or self.sample_steps < 1):

@@ -46,3 +46,23 @@ class EMA:
             torch._foreach_lerp_(self._shadow, [p.detach() for p in self._params], 1.0 - d)
         for b, src in self._buffers:
             b.copy_(src)
+
+    @torch.no_grad()
+    def update_with(self, weight) -> None:
+        """One update with the interpolation weight ``1 - decay_k`` given as a
+        0-dim tensor on the parameters' device (the compiled / CUDA-graphed
+        step computes it there from a device counter, so nothing is read on
+        the host): ``shadow += weight * (param - shadow)`` as three
+        multi-tensor ops (``_foreach_lerp_`` takes its weight as a host
+        scalar, or as one tensor per parameter). A Python number is applied
+        with ``_foreach_lerp_``. Does not advance :attr:`updates` (the caller
+        counts)."""
+        if self._shadow:
+            if isinstance(weight, torch.Tensor):
+                diff = torch._foreach_sub([p.detach() for p in self._params], self._shadow)
+                torch._foreach_mul_(diff, weight.to(torch.float32))
+                torch._foreach_add_(self._shadow, diff)
+            else:
+                torch._foreach_lerp_(self._shadow, [p.detach() for p in self._params], float(weight))
+        for b, src in self._buffers:
+            b.copy_(src)

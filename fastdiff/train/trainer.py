@@ -63,6 +63,7 @@ from ..data import InMemoryDataset, sample_shape as _dataset_sample_shape
 from .checkpoint import (CHECKPOINT_DIR, atomic_write_dir, find_checkpoint, load_safetensors, load_state,
                          state_dict_tensors)
 from .config import TrainConfig
+from .device_data import DeviceData, apply_flips, fits_on_device, flip_mask
 from .ema import EMA
 from .images import save_image_grid, save_loss_plot, save_scatter
 
@@ -234,6 +235,29 @@ class Trainer:
             self._data = dataset.data
             if self.device.type == "cuda" and dataset.data.numel() * 4 <= 2**31:
                 self._data = dataset.data.to(self.device)
+        self._device_data = self._make_device_data()
+        from .step import make_runner  # the compiled / CUDA-graphed step (None: the eager one)
+
+        self._step_runner = make_runner(self)
+
+    def _make_device_data(self) -> Optional[DeviceData]:
+        """config.device_data: the dataset on the device (uint8 when it is 8-bit images), or None."""
+        mode = self.config.device_data
+        if self.config.random_flip and len(self.sample_shape) != 3:
+            raise ValueError(f"TrainConfig.random_flip needs image data (C, H, W), the samples have shape "
+                             f"{self.sample_shape}")
+        if not isinstance(self.dataset, InMemoryDataset):
+            if mode == "on":
+                raise ValueError(f"TrainConfig.device_data='on' needs an in-memory dataset (a tensor or "
+                                 f"fastdiff.data.InMemoryDataset), got {type(self.dataset).__name__}")
+            return None
+        host = self.dataset.data
+        if mode == "off" or (mode == "auto" and not fits_on_device(host.numel() * host.element_size(), self.device)):
+            self._data = host  # gathered on the host, copied per batch
+            return None
+        dd = DeviceData(host, self.device, channels_last=self.config.channels_last and self._image_model)
+        self._data = host if self.device.type == "cuda" else self._data  # no second copy on the GPU
+        return dd
 
     # ------------------------------------------------------------ set-up --
     def _init_distributed(self):
@@ -431,8 +455,11 @@ class Trainer:
         path = None
         if self.is_main:
             meta = {"fastdiff": json.dumps(self._meta())}
-            state = {"format": 1, "step": self.step, "optimizer": self.optimizer.state_dict(),
-                     "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+            run = self._step_runner  # compiled / graphed step: the state as the eager step leaves it
+            state = {"format": 1, "step": self.step,
+                     "optimizer": run.optimizer_state() if run else self.optimizer.state_dict(),
+                     "scheduler": run.scheduler_state() if run else self.scheduler.state_dict(),
+                     "scaler": self.scaler.state_dict(),
                      "ema_updates": self.ema.updates, "rng": rngs, "world_size": self.world_size,
                      "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.config).items()},
                      "meta": self._meta(), "history": self.history, "elapsed": self._elapsed()}
@@ -490,13 +517,17 @@ class Trainer:
     def _batches(self, start: int) -> Iterator[Tensor]:
         cfg = self.config
         B, r, W = cfg.batch_size, self.rank, self.world_size
-        if self._data is not None:
+        if self._device_data is not None:
+            for s in range(start, cfg.steps):
+                yield self._device_data.batch(self.stream.indices(s, B, r, W))
+        elif self._data is not None:
             for s in range(start, cfg.steps):
                 idx = self.stream.indices(s, B, r, W)
                 yield self._data.index_select(0, idx.to(self._data.device, non_blocking=True))
         elif cfg.num_workers == 0:
             for s in range(start, cfg.steps):
-                yield _collate([self.dataset[i] for i in self.stream.indices(s, B, r, W).tolist()])
+                x = _collate([self.dataset[i] for i in self.stream.indices(s, B, r, W).tolist()])
+                yield x.pin_memory() if self.device.type == "cuda" else x
         else:
             loader = torch.utils.data.DataLoader(
                 self.dataset, batch_sampler=_StepBatchSampler(self.stream, start, cfg.steps, B, r, W),
@@ -583,6 +614,10 @@ class Trainer:
 
     def _train_step(self, x0: Tensor) -> None:
         cfg = self.config
+        if cfg.random_flip:
+            x0 = apply_flips(x0, flip_mask(cfg.seed, self.step, self.rank, x0.shape[0]))
+        if self._step_runner is not None:
+            return self._step_runner(x0)
         with self._autocast():
             loss = self._forward(x0, generator=self.generator, **self._cond(self.step))
         self.scaler.scale(loss).backward()
@@ -687,6 +722,23 @@ class Trainer:
                 "out_dir": self.out_dir, "checkpoint": self.last_checkpoint, "samples": samples_path,
                 "loss_plot": loss_plot, "log_csv": os.path.join(self.out_dir, "log.csv"),
                 "log_json": os.path.join(self.out_dir, "log.json"), "history": list(self.history)}
+
+    def train_step(self, x0: Tensor) -> None:
+        """One training step on the batch ``x0`` (on the device) outside
+        :meth:`train` -- for benchmarks and custom loops: the step of
+        ``config.step_mode`` (random flips included), then ``step`` += 1.
+        Nothing is logged, checkpointed or checked for divergence; the
+        device-side loss/grad-norm sums keep accumulating."""
+        if getattr(self, "_loss_sum", None) is None:
+            dev = self.device
+            self._loss_sum = torch.zeros((), device=dev)
+            self._gn_sum = torch.zeros((), device=dev)
+            self._count = 0
+            self._bad = torch.full((), _NO_BAD_STEP, dtype=torch.int64, device=dev)
+            self._no_bad = self._bad.clone()
+            self._dev_step = torch.full((), self.step, dtype=torch.int64, device=dev)
+        self._train_step(x0)
+        self.step += 1
 
     def close(self):
         """Leave the process group if this trainer created it."""
