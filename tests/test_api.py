@@ -257,7 +257,7 @@ def test_direct_op_bad_input_raises_not_crashes():
         op("q_sample")(X, torch.tensor([1]), a, X)
     with pytest.raises(TypeError, match="key must be"):
         op("q_sample_rng")(X, torch.tensor([1, 2]), a, torch.tensor([1]), True)
-    with pytest.raises(RuntimeError, match="exactly one of noise, key"):
+    with pytest.raises(ValueError, match="exactly one of noise, key"):
         op("diffusion_loss")(X, X, torch.tensor([1, 2]), a, None, None, torch.ones(2), 0, False)
 
 
