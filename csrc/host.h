@@ -105,6 +105,20 @@ FD_DECLARE(cpu)
 FD_DECLARE(cuda)
 #undef FD_DECLARE
 
+// The checks of diffusion_loss's inputs, for both devices and for the forward and
+// the recomputing backward (fastdiff/ops/_kernel_checks.py check_loss mirrors them).
+inline void check_loss(const at::Tensor& model_output, const at::Tensor& x0, const at::Tensor& t,
+                       const at::Tensor& abar, const c10::optional<at::Tensor>& noise,
+                       const c10::optional<at::Tensor>& key, const at::Tensor& weight, int64_t target) {
+  check_common(x0, "x0", t, abar);
+  check_same_like(model_output, x0, "model_output", "x0");
+  check_per_sample_f32(weight, x0, "weight");
+  TORCH_CHECK_VALUE(noise.has_value() != key.has_value(), "fastdiff: diffusion_loss needs exactly one of noise, key");
+  TORCH_CHECK_VALUE(target >= 0 && target <= 2, "fastdiff: target code must be 0, 1 or 2, got ", target);
+  if (noise) check_same_like(*noise, x0, "noise", "x0");
+  if (key) check_key(*key, x0);
+}
+
 // The recomputing backward of diffusion_loss (stored-gradient path: a multiply
 // in Python, no op). grad_loss: the incoming gradient of the per-sample loss.
 inline void check_loss_grad(const at::Tensor& g, const at::Tensor& x) {

@@ -37,6 +37,48 @@ FD_HD const char* ms_row_problem(const double* r, int64_t K, bool has_last, bool
   return nullptr;
 }
 
+// Row r as a kernel uses it, decoded once per call (CPU: on the host; CUDA: per
+// block from shared memory): the coefficients in acc_t, and for each term whether
+// it is read at all -- only when its float64 coefficient is not exactly 0, so a
+// DPM-Solver++(2M) row reads one history slot and no last_sample. The u_* terms
+// exist only when u_on; history ages beyond K never do.
+template <typename acc_t>
+struct MsRow {
+  acc_t cx, cm, ulast, ux0, uh[kMsMaxHistory], ax, am, ax0, ah[kMsMaxHistory], az;
+  bool use_cx, use_cm, use_ulast, use_ux0, use_uh[kMsMaxHistory], use_ax, use_am, use_ax0, use_ah[kMsMaxHistory],
+      use_az, u_on, push;
+};
+
+template <typename acc_t>
+FD_HD MsRow<acc_t> ms_decode_row(const double* r, int64_t K) {
+  MsRow<acc_t> c{};
+  c.u_on = r[kUOn] != 0.0;
+  c.push = r[kPush] != 0.0;
+  c.cx = acc_t(r[kCx]);
+  c.use_cx = r[kCx] != 0.0;
+  c.cm = acc_t(r[kCm]);
+  c.use_cm = r[kCm] != 0.0;
+  c.ulast = acc_t(r[kULast]);
+  c.use_ulast = c.u_on && r[kULast] != 0.0;
+  c.ux0 = acc_t(r[kUX0]);
+  c.use_ux0 = c.u_on && r[kUX0] != 0.0;
+  c.ax = acc_t(r[kAX]);
+  c.use_ax = r[kAX] != 0.0;
+  c.am = acc_t(r[kAM]);
+  c.use_am = r[kAM] != 0.0;
+  c.ax0 = acc_t(r[kAX0]);
+  c.use_ax0 = r[kAX0] != 0.0;
+  c.az = acc_t(r[kAZ]);
+  c.use_az = r[kAZ] != 0.0;
+  for (int k = 0; k < kMsMaxHistory; ++k) {
+    c.uh[k] = acc_t(r[kUH1 + k]);
+    c.use_uh[k] = k < K && c.u_on && r[kUH1 + k] != 0.0;
+    c.ah[k] = acc_t(r[kAH1 + k]);
+    c.use_ah[k] = k < K && r[kAH1 + k] != 0.0;
+  }
+  return c;
+}
+
 std::tuple<at::Tensor, at::Tensor> multistep_step_cpu(
     const at::Tensor& model_output, const at::Tensor& sample, at::Tensor& history, at::Tensor& last_sample,
     const at::Tensor& coeffs, at::Tensor& step_index, const c10::optional<at::Tensor>& noise,

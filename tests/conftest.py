@@ -24,6 +24,22 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="module")
+def roll():
+    """256 swiss-roll points (the trainer tests' 2-D data)."""
+    from fastdiff.data import load_dataset
+
+    return load_dataset("swissroll", n=256)
+
+
+@pytest.fixture(scope="module")
+def digits8():
+    """40 digits at 8x8 (the trainer tests' image data)."""
+    from fastdiff.data import load_dataset
+
+    return load_dataset("digits", image_size=8, n=40)
+
+
 # FASTDIFF_REHEARSE=1 (benchmarks/gpu_check.sh --rehearse): the GPU tests that
 # are also marked ``rehearse`` run on the CPU at tiny shapes instead of skipping.
 REHEARSE = os.environ.get("FASTDIFF_REHEARSE") == "1"

@@ -32,44 +32,12 @@ from fastdiff.reference import multistep as refm
 from fastdiff.ops._schemas import op
 
 from _backends import all_backends
+from _backends import check_vs_reference as _check, in_layout as _layout, skip_big as _skip_big
 
 BACKENDS = all_backends()
 pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: one intra-op thread is faster on a busy CPU
 SCHED = fastdiff.NoiseSchedule.make("linear", 1000)
 ABAR = SCHED.alphas_cumprod
-
-
-def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
-    if layout == "channels_last" and x.dim() == 4:
-        return x.contiguous(memory_format=torch.channels_last)
-    if layout == "noncontig":
-        big = torch.zeros((x.shape[0], 2 * x.shape[1]) + x.shape[2:], dtype=x.dtype)
-        v = big[:, ::2]
-        v.copy_(x)
-        return v
-    return x
-
-
-def _check(out, ref64, ref_lowp, dtype, what=""):
-    """fp32: tight; fp16/bf16: at most 2x plain PyTorch's error at that dtype plus a rounding floor."""
-    out64 = out.detach().cpu().to(torch.float64)
-    assert out64.shape == ref64.shape, what
-    assert not torch.isnan(out64).any(), f"{what}: unexpected NaN"
-    scale = max(1.0, ref64.abs().max().item())
-    err = (out64 - ref64).abs().max().item()
-    if dtype == torch.float32:
-        assert err <= 2e-5 * scale, f"{what}: fp32 error {err:.3g} (scale {scale:.3g})"
-    elif dtype == torch.float64:
-        assert err <= 1e-10 * scale, f"{what}: fp64 error {err:.3g}"
-    else:
-        lowp = (ref_lowp.to(torch.float64) - ref64).abs().max().item()
-        floor = torch.finfo(dtype).eps * scale
-        assert err <= 2 * lowp + floor, f"{what}: {dtype} error {err:.3g} vs plain-torch {lowp:.3g}"
-
-
-def _skip_big(backend, shape):
-    if backend.small_only and torch.Size(shape).numel() > 2000:
-        pytest.skip("interpreted Triton: small shapes only")
 
 
 # ------------------------------------------------------------ op parity -----

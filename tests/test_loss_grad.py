@@ -17,23 +17,12 @@ import fastdiff
 from fastdiff import reference as ref
 from fastdiff.ops._layout import canonical
 
-from _backends import all_backends
+from _backends import all_backends, in_layout as _layout
 
 SCHED = fastdiff.NoiseSchedule.make("linear", 1000)
 ABAR = SCHED.alphas_cumprod
 TARGETS = ["epsilon", "sample", "v_prediction"]
 KEY = torch.tensor([1234567, 1 << 33], dtype=torch.int64)
-
-
-def _layout(x, layout):
-    if layout == "channels_last":
-        return x.contiguous(memory_format=torch.channels_last)
-    if layout == "noncontig":
-        big = torch.zeros((x.shape[0], 2 * x.shape[1]) + x.shape[2:], dtype=x.dtype)
-        v = big[:, ::2]
-        v.copy_(x)
-        return v
-    return x
 
 
 def _ref_grad(out, x0, t, noise64, w64, target, gout64):

@@ -14,6 +14,7 @@ from fastdiff import reference as ref
 from fastdiff.ops._layout import canonical
 
 from _backends import all_backends
+from _backends import check_vs_reference as _check, in_layout as _layout, skip_big as _skip_big
 
 BACKENDS = all_backends()
 SHAPES = [(3, 5, 7, 9), (1, 1, 1, 1), (2, 3, 5), (4, 3, 8, 8), (5, 7)]
@@ -22,42 +23,8 @@ SCHED = fastdiff.NoiseSchedule.make("linear", 1000)
 ABAR = SCHED.alphas_cumprod
 
 
-def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
-    if layout == "channels_last" and x.dim() == 4:
-        return x.contiguous(memory_format=torch.channels_last)
-    if layout == "noncontig":  # a strided view of a larger tensor
-        big = torch.zeros((x.shape[0], 2 * x.shape[1]) + x.shape[2:], dtype=x.dtype)
-        v = big[:, ::2]
-        v.copy_(x)
-        return v
-    if layout == "transposed":  # dense but not batch-major
-        return x.transpose(0, 1).contiguous().transpose(0, 1) if x.dim() >= 2 else x
-    return x
-
-
 def _t(n, gen, lo=0, hi=1000):
     return torch.randint(lo, hi, (n,), generator=gen)
-
-
-def _check(out, ref64, ref_lowp, dtype, what=""):
-    out64 = out.detach().cpu().to(torch.float64)
-    assert out64.shape == ref64.shape, what
-    assert not torch.isnan(out64).any() or torch.isnan(ref64).any(), f"{what}: unexpected NaN"
-    scale = max(1.0, ref64.abs().max().item()) if ref64.numel() else 1.0
-    err = (out64 - ref64).abs().max().item() if ref64.numel() else 0.0
-    if dtype == torch.float32:
-        assert err <= 2e-5 * scale, f"{what}: fp32 error {err:.3g} (scale {scale:.3g})"
-    elif dtype == torch.float64:
-        assert err <= 1e-10 * scale, f"{what}: fp64 error {err:.3g}"
-    else:
-        lowp = (ref_lowp.to(torch.float64) - ref64).abs().max().item() if ref64.numel() else 0.0
-        floor = torch.finfo(dtype).eps * scale
-        assert err <= 2 * lowp + floor, f"{what}: {dtype} error {err:.3g} vs plain-torch {lowp:.3g}"
-
-
-def _skip_big(backend, shape):
-    if backend.small_only and torch.Size(shape).numel() > 2000:
-        pytest.skip("interpreted Triton: small shapes only")
 
 
 # ------------------------------------------------------------- q_sample ----

@@ -47,16 +47,6 @@ def small_unet_diffusion(seed=0, dropout=0.1):
     return GaussianDiffusion(unet, num_timesteps=20)
 
 
-@pytest.fixture(scope="module")
-def roll():
-    return load_dataset("swissroll", n=256)
-
-
-@pytest.fixture(scope="module")
-def digits8():
-    return load_dataset("digits", image_size=8, n=40)
-
-
 def losses(history):
     return [h["loss"] for h in history]
 

@@ -41,16 +41,6 @@ def unet_diffusion(seed=0, dropout=0.1, device="cpu", levels=(1, 2)):
     return GaussianDiffusion(unet, num_timesteps=20).to(device)
 
 
-@pytest.fixture(scope="module")
-def roll():
-    return load_dataset("swissroll", n=256)
-
-
-@pytest.fixture(scope="module")
-def digits8():
-    return load_dataset("digits", image_size=8, n=40)
-
-
 def col(h, k):
     return [r[k] for r in h]
 

@@ -123,19 +123,13 @@ struct LossArgs {
 LossArgs prepare_loss(const at::Tensor& model_output, const at::Tensor& x0_in, const at::Tensor& t,
                       const at::Tensor& abar, const c10::optional<at::Tensor>& noise_in,
                       const c10::optional<at::Tensor>& key, const at::Tensor& weight, int64_t target) {
-  check_common(x0_in, "x0", t, abar);
-  check_same_like(model_output, x0_in, "model_output", "x0");
-  check_per_sample_f32(weight, x0_in, "weight");
-  TORCH_CHECK_VALUE(noise_in.has_value() != key.has_value(), "fastdiff: diffusion_loss needs exactly one of noise, key");
-  TORCH_CHECK_VALUE(target >= 0 && target <= 2, "fastdiff: target code must be 0, 1 or 2, got ", target);
+  check_loss(model_output, x0_in, t, abar, noise_in, key, weight, target);
   LossArgs a;
   a.x0 = canonical(x0_in);
   a.out = match_layout(model_output, a.x0);
   if (noise_in) {
-    check_same_like(*noise_in, x0_in, "noise", "x0");
     if (target != kSample) a.noise = match_layout(*noise_in, a.x0);  // the x0 target never reads the noise
   } else {
-    check_key(*key, x0_in);
     const at::Tensor kc = key->contiguous();
     const int64_t* kp = kc.data_ptr<int64_t>();
     a.key = make_key(kp[0], kp[1]);

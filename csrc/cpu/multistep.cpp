@@ -28,12 +28,6 @@ namespace {
 
 constexpr int64_t kMsChunk = 4096;  // elements per work item: 3 scratch rows of 32 KB (double)
 
-template <typename acc_t>
-struct MsCoef {  // the row, as the loop uses it; 0 means "term absent"
-  acc_t cx, cm, ulast, ux0, uh[3], ax, am, ax0, ah[3], az;
-  bool u_on, push;
-};
-
 template <typename scalar_t, typename state_t>
 struct MsPtrs {
   const scalar_t* x;
@@ -70,7 +64,7 @@ FD_INLINE void ms_finish(acc_t* __restrict__ out, int64_t n, bool first) {
 // g = f * (c + (w - 1)(c - u)) (gw = w - 1, gf = f), which then stands for
 // model_output in every term that reads it.
 template <typename scalar_t, typename state_t, typename acc_t>
-FD_INLINE void ms_chunk(const MsCoef<acc_t>& c, const MsPtrs<scalar_t, state_t>& p, const float* z, acc_t s,
+FD_INLINE void ms_chunk(const MsRow<acc_t>& c, const MsPtrs<scalar_t, state_t>& p, const float* z, acc_t s,
                         acc_t clip, acc_t* __restrict__ x0b, acc_t* __restrict__ xcb, acc_t* __restrict__ pb,
                         acc_t* __restrict__ gb, acc_t gw, acc_t gf, bool has_gf, int64_t n) {
   if (p.u) {
@@ -83,8 +77,8 @@ FD_INLINE void ms_chunk(const MsCoef<acc_t>& c, const MsPtrs<scalar_t, state_t>&
   }
   // x0 = c_x * sample + c_m * model_output, then threshold / clip
   bool first = true;
-  if (c.cx != acc_t(0)) ms_term(x0b, c.cx, p.x, n, first);
-  if (c.cm != acc_t(0)) {
+  if (c.use_cx) ms_term(x0b, c.cx, p.x, n, first);
+  if (c.use_cm) {
     if (p.u) ms_term(x0b, c.cm, gb, n, first);
     else ms_term(x0b, c.cm, p.m, n, first);
   }
@@ -98,26 +92,26 @@ FD_INLINE void ms_chunk(const MsCoef<acc_t>& c, const MsPtrs<scalar_t, state_t>&
   // xc (UniPC's corrected sample)
   if (c.u_on) {
     first = true;
-    if (c.ulast != acc_t(0)) ms_term(xcb, c.ulast, p.last, n, first);
-    if (c.ux0 != acc_t(0)) ms_term(xcb, c.ux0, x0b, n, first);
+    if (c.use_ulast) ms_term(xcb, c.ulast, p.last, n, first);
+    if (c.use_ux0) ms_term(xcb, c.ux0, x0b, n, first);
     for (int k = 0; k < 3; ++k)
-      if (c.uh[k] != acc_t(0)) ms_term(xcb, c.uh[k], p.h[k], n, first);
+      if (c.use_uh[k]) ms_term(xcb, c.uh[k], p.h[k], n, first);
     ms_finish(xcb, n, first);
   }
   // prev
   first = true;
-  if (c.ax != acc_t(0)) {
+  if (c.use_ax) {
     if (c.u_on) ms_term(pb, c.ax, xcb, n, first);
     else ms_term(pb, c.ax, p.x, n, first);
   }
-  if (c.am != acc_t(0)) {
+  if (c.use_am) {
     if (p.u) ms_term(pb, c.am, gb, n, first);
     else ms_term(pb, c.am, p.m, n, first);
   }
-  if (c.ax0 != acc_t(0)) ms_term(pb, c.ax0, x0b, n, first);
+  if (c.use_ax0) ms_term(pb, c.ax0, x0b, n, first);
   for (int k = 0; k < 3; ++k)
-    if (c.ah[k] != acc_t(0)) ms_term(pb, c.ah[k], p.h[k], n, first);
-  if (c.az != acc_t(0)) {
+    if (c.use_ah[k]) ms_term(pb, c.ah[k], p.h[k], n, first);
+  if (c.use_az) {
     if (z) ms_term(pb, c.az, z, n, first);
     else ms_term(pb, c.az, p.noise, n, first);
   }
@@ -140,7 +134,7 @@ FD_INLINE void ms_chunk(const MsCoef<acc_t>& c, const MsPtrs<scalar_t, state_t>&
 // The float32 instance, compiled for AVX2 and for the baseline; cpu/isa.h
 // picks one per process (FASTDIFF_CPU_ISA=baseline forces the baseline).
 #define FD_MS_ARGS                                                                                      \
-  const MsCoef<double>&c, const MsPtrs<float, float>&p, const float *z, double s, double clip, double *x0b, \
+  const MsRow<double>&c, const MsPtrs<float, float>&p, const float *z, double s, double clip, double *x0b, \
       double *xcb, double *pb, double *gb, double gw, double gf, bool has_gf, int64_t n
 #define FD_MS_PASS c, p, z, s, clip, x0b, xcb, pb, gb, gw, gf, has_gf, n
 #if FD_X86_DISPATCH
@@ -167,23 +161,7 @@ void ms_run(const MsArgs& a, at::Tensor& history, at::Tensor& last_sample, const
   // float16/bfloat16 data use float32 (their storage rounding dominates).
   using acc_t = typename std::conditional<std::is_same<scalar_t, double>::value ||
                                               std::is_same<scalar_t, float>::value, double, float>::type;
-  MsCoef<acc_t> c{};
-  c.cx = acc_t(r[kCx]);
-  c.cm = acc_t(r[kCm]);
-  c.u_on = r[kUOn] != 0.0;
-  c.push = r[kPush] != 0.0;
-  // a coefficient counts as absent only when it is exactly 0 in float64
-  auto co = [&](int col) { return r[col] != 0.0 ? acc_t(r[col]) : acc_t(0); };
-  if (c.u_on) {
-    c.ulast = co(kULast);
-    c.ux0 = co(kUX0);
-    for (int k = 0; k < 3; ++k) c.uh[k] = co(kUH1 + k);
-  }
-  c.ax = co(kAX);
-  c.am = co(kAM);
-  c.ax0 = co(kAX0);
-  for (int k = 0; k < 3; ++k) c.ah[k] = co(kAH1 + k);
-  c.az = co(kAZ);
+  const MsRow<acc_t> c = ms_decode_row<acc_t>(r, a.K);
   const int64_t K = a.K, N = a.x.size(0), M = per_sample(a.x);
   const int64_t hstride = K > 0 ? history.stride(0) : 0;
   state_t* hbase = K > 0 ? history.data_ptr<state_t>() : nullptr;
@@ -191,22 +169,22 @@ void ms_run(const MsArgs& a, at::Tensor& history, at::Tensor& last_sample, const
   base.x = a.x.data_ptr<scalar_t>();
   base.m = a.m.data_ptr<scalar_t>();
   // the model output is read only by the c_m / a_m terms: without them the guidance pass is skipped
-  const bool guided = a.u.defined() && (c.cm != acc_t(0) || c.am != acc_t(0));
+  const bool guided = a.u.defined() && (c.use_cm || c.use_am);
   base.u = guided ? a.u.data_ptr<scalar_t>() : nullptr;
   const double* gfp = (guided && a.gfac.defined()) ? a.gfac.data_ptr<double>() : nullptr;
   const acc_t gw = acc_t(guidance_scale - 1.0);
-  base.noise = (a.noise.defined() && c.az != acc_t(0)) ? a.noise.data_ptr<scalar_t>() : nullptr;
+  base.noise = (a.noise.defined() && c.use_az) ? a.noise.data_ptr<scalar_t>() : nullptr;
   for (int k = 0; k < 3; ++k) {
-    const bool used = k < K && ((c.u_on && c.uh[k] != acc_t(0)) || c.ah[k] != acc_t(0));
+    const bool used = c.use_uh[k] || c.use_ah[k];
     base.h[k] = used ? hbase + (((i - (k + 1)) % K + K) % K) * hstride : nullptr;
   }
-  base.last = (a.kept && c.u_on && c.ulast != acc_t(0)) ? last_sample.data_ptr<state_t>() : nullptr;
+  base.last = (a.kept && c.use_ulast) ? last_sample.data_ptr<state_t>() : nullptr;
   base.prev = prev.data_ptr<scalar_t>();
   base.x0 = return_x0 ? x0_out.data_ptr<scalar_t>() : nullptr;
   base.hist_w = (c.push && K > 0) ? hbase + (i % K) * hstride : nullptr;
   base.last_w = (c.push && a.kept) ? last_sample.data_ptr<state_t>() : nullptr;
   const float* thp = a.thresh.defined() ? a.thresh.data_ptr<float>() : nullptr;
-  const bool noise_in_kernel = draw && c.az != acc_t(0);
+  const bool noise_in_kernel = draw && c.use_az;
   if (N == 0 || M == 0) return;
   const int64_t per = (M + kMsChunk - 1) / kMsChunk;
   const int64_t grain = std::max<int64_t>(1, 32768 / std::min(M, kMsChunk));

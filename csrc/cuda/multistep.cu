@@ -74,26 +74,14 @@ __global__ void __launch_bounds__(kMsThreads) multistep_kernel(const MsKernelArg
   __syncthreads();
   const int64_t i = s_i;
   const bool ok = s_ok != 0;
-  const acc_t cx = acc_t(row[kCx]), cm = acc_t(row[kCm]);
-  const bool u_on = row[kUOn] != 0.0, push = ok && row[kPush] != 0.0;
-  const bool use_cx = row[kCx] != 0.0, use_cm = row[kCm] != 0.0;
-  const bool use_ulast = u_on && a.kept && row[kULast] != 0.0, use_ux0 = u_on && row[kUX0] != 0.0;
-  const acc_t ulast = acc_t(row[kULast]), ux0 = acc_t(row[kUX0]);
-  const acc_t ax = acc_t(row[kAX]), am = acc_t(row[kAM]), ax0 = acc_t(row[kAX0]), az = acc_t(row[kAZ]);
-  const bool use_ax = row[kAX] != 0.0, use_am = row[kAM] != 0.0, use_ax0 = row[kAX0] != 0.0;
-  const bool use_az = ok && row[kAZ] != 0.0;
+  const MsRow<acc_t> c = ms_decode_row<acc_t>(row, a.K);
+  const acc_t cx = c.cx, cm = c.cm, ulast = c.ulast, ux0 = c.ux0, ax = c.ax, am = c.am, ax0 = c.ax0, az = c.az;
+  const bool u_on = c.u_on, push = ok && c.push;
+  const bool use_cx = c.use_cx, use_cm = c.use_cm, use_ux0 = c.use_ux0, use_ulast = a.kept && c.use_ulast;
+  const bool use_ax = c.use_ax, use_am = c.use_am, use_ax0 = c.use_ax0, use_az = ok && c.use_az;
   const state_t* h[3];
-  acc_t uh[3], ah[3];
-  bool use_uh[3], use_ah[3];
 #pragma unroll
-  for (int k = 0; k < 3; ++k) {
-    const bool exists = k < a.K;
-    use_uh[k] = exists && u_on && row[kUH1 + k] != 0.0;
-    use_ah[k] = exists && row[kAH1 + k] != 0.0;
-    uh[k] = acc_t(row[kUH1 + k]);
-    ah[k] = acc_t(row[kAH1 + k]);
-    h[k] = exists ? a.hist + (((i - (k + 1)) % a.K + a.K) % a.K) * a.hstride : nullptr;
-  }
+  for (int k = 0; k < 3; ++k) h[k] = k < a.K ? a.hist + (((i - (k + 1)) % a.K + a.K) % a.K) * a.hstride : nullptr;
   state_t* hw = (push && a.K > 0) ? a.hist + (i % a.K) * a.hstride : nullptr;
   PhiloxKey key{};
   if (a.has_key && use_az)
@@ -120,18 +108,18 @@ __global__ void __launch_bounds__(kMsThreads) multistep_kernel(const MsKernelArg
       x0 = clip_x0<acc_t>(x0, acc_t(a.clip_d), s);
       acc_t hv[3];
 #pragma unroll
-      for (int k = 0; k < 3; ++k) hv[k] = (use_uh[k] || use_ah[k]) ? static_cast<acc_t>(h[k][e]) : acc_t(0);
+      for (int k = 0; k < 3; ++k) hv[k] = (c.use_uh[k] || c.use_ah[k]) ? static_cast<acc_t>(h[k][e]) : acc_t(0);
       acc_t xc = xv;
       if (u_on) {
         xc = (use_ulast ? ulast * static_cast<acc_t>(a.last[e]) : acc_t(0)) + (use_ux0 ? ux0 * x0 : acc_t(0));
 #pragma unroll
         for (int k = 0; k < 3; ++k)
-          if (use_uh[k]) xc += uh[k] * hv[k];
+          if (c.use_uh[k]) xc += c.uh[k] * hv[k];
       }
       acc_t r = (use_ax ? ax * xc : acc_t(0)) + (use_am ? am * mv : acc_t(0)) + (use_ax0 ? ax0 * x0 : acc_t(0));
 #pragma unroll
       for (int k = 0; k < 3; ++k)
-        if (use_ah[k]) r += ah[k] * hv[k];
+        if (c.use_ah[k]) r += c.ah[k] * hv[k];
       if (use_az) r += az * (a.has_key ? acc_t(z[l]) : static_cast<acc_t>(a.noise[e]));
       a.prev[e] = static_cast<scalar_t>(ok ? r : nan);
       if (a.x0) a.x0[e] = static_cast<scalar_t>(ok ? x0 : nan);

@@ -606,13 +606,7 @@ std::tuple<at::Tensor, at::Tensor> diffusion_loss_cuda(const at::Tensor& model_o
                                                        const c10::optional<at::Tensor>& key_in,
                                                        const at::Tensor& weight, int64_t target, bool need_grad) {
   check_cuda(x0_in, "x0");
-  check_common(x0_in, "x0", t, abar);
-  check_same_like(model_output, x0_in, "model_output", "x0");
-  check_per_sample_f32(weight, x0_in, "weight");
-  TORCH_CHECK_VALUE(noise_in.has_value() != key_in.has_value(), "fastdiff: diffusion_loss needs exactly one of noise, key");
-  TORCH_CHECK_VALUE(target >= 0 && target <= 2, "fastdiff: target code must be 0, 1 or 2, got ", target);
-  if (noise_in) check_same_like(*noise_in, x0_in, "noise", "x0");
-  if (key_in) check_key(*key_in, x0_in);
+  check_loss(model_output, x0_in, t, abar, noise_in, key_in, weight, target);
   const c10::cuda::CUDAGuard guard(x0_in.device());
   const at::Tensor x0 = canonical(x0_in);
   const at::Tensor out = match_layout(model_output, x0);
@@ -675,14 +669,8 @@ at::Tensor diffusion_loss_backward_cuda(const at::Tensor& grad_loss, const at::T
                                         const c10::optional<at::Tensor>& key_in, const at::Tensor& weight,
                                         int64_t target) {
   check_cuda(x0_in, "x0");
-  check_common(x0_in, "x0", t, abar);
-  check_same_like(model_output, x0_in, "model_output", "x0");
-  check_per_sample_f32(weight, x0_in, "weight");
+  check_loss(model_output, x0_in, t, abar, noise_in, key_in, weight, target);
   check_loss_grad(grad_loss, x0_in);
-  TORCH_CHECK_VALUE(noise_in.has_value() != key_in.has_value(), "fastdiff: diffusion_loss needs exactly one of noise, key");
-  TORCH_CHECK_VALUE(target >= 0 && target <= 2, "fastdiff: target code must be 0, 1 or 2, got ", target);
-  if (noise_in) check_same_like(*noise_in, x0_in, "noise", "x0");
-  if (key_in) check_key(*key_in, x0_in);
   const c10::cuda::CUDAGuard guard(x0_in.device());
   const at::Tensor x0 = canonical(x0_in);
   const at::Tensor out = match_layout(model_output, x0);

@@ -40,6 +40,7 @@ import torch
 from fastdiff.nn import patch
 
 from . import _timing as timing
+from ._models import sd_vae
 
 CONFIGS = {
     "sd15": dict(unet_channels=(320, 640, 1280, 1280), heads=8, unet_groups=32,
@@ -71,16 +72,7 @@ def build_unet(cfg: dict, dtype: torch.dtype, device: str):
 
 def build_vae(cfg: dict, dtype: torch.dtype, device: str):
     """A randomly initialised ``AutoencoderKL`` with SD's block structure and cfg's widths."""
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    n = len(cfg["vae_channels"])
-    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=cfg["vae_channels"],
-                        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-                        layers_per_block=2, latent_channels=4, norm_num_groups=cfg["vae_groups"])
-    if dtype != torch.float32 or device != "cpu":
-        vae = vae.to(device=device, dtype=dtype)
-    return vae.eval()
+    return sd_vae(cfg["vae_channels"], cfg["vae_groups"], dtype, device)
 
 
 def _make(impl: str, unet, vae, compile_mode: Optional[str]):

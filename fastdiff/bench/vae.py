@@ -30,6 +30,7 @@ import torch
 from fastdiff.nn import patch
 
 from . import _timing as timing
+from ._models import sd_vae
 
 SD15 = dict(block_out_channels=(128, 256, 512, 512), norm_num_groups=32, latent=64)
 CPU_SMALL = dict(block_out_channels=(32, 64, 128, 128), norm_num_groups=8, latent=16)
@@ -38,15 +39,7 @@ TINY = dict(block_out_channels=(8, 16, 16, 16), norm_num_groups=4, latent=4)
 
 def build_vae(cfg: dict, dtype: torch.dtype, device: str):
     """A randomly initialised AutoencoderKL with the SD-1.5 block structure and ``cfg``'s widths."""
-    from diffusers import AutoencoderKL
-    torch.manual_seed(0)
-    n = len(cfg["block_out_channels"])
-    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=cfg["block_out_channels"],
-                        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-                        layers_per_block=2, latent_channels=4, norm_num_groups=cfg["norm_num_groups"])
-    if dtype != torch.float32 or device != "cpu":  # (diffusers warns about any .to(dtype))
-        vae = vae.to(device=device, dtype=dtype)
-    return vae.eval()
+    return sd_vae(cfg["block_out_channels"], cfg["norm_num_groups"], dtype, device)
 
 
 def _norm_act_ms(vae, z) -> tuple:

@@ -662,12 +662,7 @@ class Trainer:
 
         cfg = self.config
         dev = self.device
-        self._loss_sum = torch.zeros((), device=dev)
-        self._gn_sum = torch.zeros((), device=dev)
-        self._count = 0
-        self._bad = torch.full((), _NO_BAD_STEP, dtype=torch.int64, device=dev)
-        self._no_bad = self._bad.clone()
-        self._dev_step = torch.full((), self.step, dtype=torch.int64, device=dev)
+        self._reset_device_counters()
         self._last_lr = self.optimizer.param_groups[0]["lr"]
         self._t0 = time.perf_counter()
         if self.is_main:
@@ -723,6 +718,17 @@ class Trainer:
                 "loss_plot": loss_plot, "log_csv": os.path.join(self.out_dir, "log.csv"),
                 "log_json": os.path.join(self.out_dir, "log.json"), "history": list(self.history)}
 
+    def _reset_device_counters(self) -> None:
+        """The device-side accumulators read at log intervals only (loss and grad-norm sums, the first
+        non-finite step) and the device step counter of the compiled/graphed step."""
+        dev = self.device
+        self._loss_sum = torch.zeros((), device=dev)
+        self._gn_sum = torch.zeros((), device=dev)
+        self._count = 0
+        self._bad = torch.full((), _NO_BAD_STEP, dtype=torch.int64, device=dev)
+        self._no_bad = self._bad.clone()
+        self._dev_step = torch.full((), self.step, dtype=torch.int64, device=dev)
+
     def train_step(self, x0: Tensor) -> None:
         """One training step on the batch ``x0`` (on the device) outside
         :meth:`train` -- for benchmarks and custom loops: the step of
@@ -730,13 +736,7 @@ class Trainer:
         Nothing is logged, checkpointed or checked for divergence; the
         device-side loss/grad-norm sums keep accumulating."""
         if getattr(self, "_loss_sum", None) is None:
-            dev = self.device
-            self._loss_sum = torch.zeros((), device=dev)
-            self._gn_sum = torch.zeros((), device=dev)
-            self._count = 0
-            self._bad = torch.full((), _NO_BAD_STEP, dtype=torch.int64, device=dev)
-            self._no_bad = self._bad.clone()
-            self._dev_step = torch.full((), self.step, dtype=torch.int64, device=dev)
+            self._reset_device_counters()
         self._train_step(x0)
         self.step += 1
 

@@ -69,6 +69,13 @@ def _loss_kernel(out_ptr, x_ptr, noise_ptr, key_ptr, t_ptr, abar_ptr, w_ptr, gra
         tl.store(ws_ptr + pid, part.to(ws_ptr.dtype.element_ty))
 
 
+def _in_layout(x0, model_output, noise, key):
+    """(x0, model_output, noise, key) as the kernels read them: x0 canonical, the others in its layout."""
+    x = canonical(x0)
+    return (x, match_layout(model_output, x), None if noise is None else match_layout(noise, x),
+            None if key is None else key.contiguous())
+
+
 @C.on_tensor_device
 def diffusion_loss(model_output: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor,
                    noise, key, weight: torch.Tensor, target: int, need_grad: bool):
@@ -76,12 +83,7 @@ def diffusion_loss(model_output: torch.Tensor, x0: torch.Tensor, t: torch.Tensor
     -> (per_sample, grad or empty)``; per_sample is float32 (float64 for float64 inputs)."""
     KC.check_loss(model_output, x0, t, alphas_cumprod, noise, key, weight, target)
     target = int(target)
-    x = canonical(x0)
-    mo = match_layout(model_output, x)
-    if noise is not None:
-        noise = match_layout(noise, x)
-    else:
-        key = key.contiguous()
+    x, mo, noise, key = _in_layout(x0, model_output, noise, key)
     N, M = x.size(0), per_sample(x)
     loss_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     grad = torch.empty_like(x) if need_grad else C.empty(x.dtype, x.device)
@@ -112,12 +114,7 @@ def diffusion_loss_backward(grad_loss: torch.Tensor, model_output: torch.Tensor,
     KC.check_loss(model_output, x0, t, alphas_cumprod, noise, key, weight, target)
     KC.check_loss_grad(grad_loss, x0)
     target = int(target)
-    x = canonical(x0)
-    mo = match_layout(model_output, x)
-    if noise is not None:
-        noise = match_layout(noise, x)
-    else:
-        key = key.contiguous()
+    x, mo, noise, key = _in_layout(x0, model_output, noise, key)
     N, M = x.size(0), per_sample(x)
     grad = torch.empty_like(x)
     if x.numel() == 0:
