@@ -97,7 +97,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from .. import ops
 from ..ops.multistep import multistep_step
 from . import multistep_tables as tb
-from .schedulers import build_noise_schedule
+from .schedulers import build_noise_schedule, step_noise
 
 __all__ = ["FusedDPMSolverMultistepScheduler", "FusedUniPCMultistepScheduler", "FusedEulerDiscreteScheduler",
            "FusedEulerAncestralDiscreteScheduler", "FusedFlowMatchEulerDiscreteScheduler"]
@@ -318,12 +318,8 @@ class _FusedMultistep(SchedulerMixin, ConfigMixin):
             return None, key
         if not needed:
             return None, None
-        if self.kernel_noise:
-            if isinstance(generator, list):
-                raise ValueError("kernel_noise needs a single torch.Generator (or None), not a list of generators")
-            return None, ops.draw_key(generator, device if generator is None else None).to(device)
-        z = randn_tensor(tuple(shape), generator=generator, device=device, dtype=dtype)
-        return z.to(sample_dtype), None
+        z, k = step_noise(self.kernel_noise, generator, shape, device, dtype)
+        return (None, k.to(device)) if z is None else (z.to(sample_dtype), None)
 
     def _fused(self, model_output: torch.Tensor, sample: torch.Tensor, noise=None, key=None, want_x0=False,
                thresholding: bool = False, guidance=(None, 1.0, 0.0)):

@@ -114,6 +114,17 @@ def _laplace_betas(T: int, max_beta: float = 0.999) -> torch.Tensor:
                         dtype=torch.float64)
 
 
+def step_noise(kernel_noise: bool, generator, shape, device, dtype):
+    """(noise, key) of a fused scheduler step that needs noise: an in-kernel
+    key (``kernel_noise``; from the generator, or the global RNG) or
+    diffusers' ``randn_tensor`` draw (a generator list: one per sample)."""
+    if kernel_noise:
+        if isinstance(generator, list):
+            raise ValueError("kernel_noise needs a single torch.Generator (or None), not a list of generators")
+        return None, ops.draw_key(generator, device if generator is None else None)
+    return randn_tensor(tuple(shape), generator=generator, device=device, dtype=dtype), None
+
+
 def build_noise_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
                     rescale_betas_zero_snr) -> NoiseSchedule:
     T = num_train_timesteps
@@ -417,11 +428,7 @@ class _FusedScheduler(SchedulerMixin, ConfigMixin):
             return None, key if key.device == sample.device else key.to(sample.device)
         if not needed:
             return None, None
-        if self.kernel_noise:
-            if isinstance(generator, list):
-                raise ValueError("kernel_noise needs a single torch.Generator (or None), not a list of generators")
-            return None, ops.draw_key(generator, sample.device if generator is None else None)
-        return randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype), None
+        return step_noise(self.kernel_noise, generator, sample.shape, sample.device, sample.dtype)
 
     def _guidance_args(self, model_output, uncond_output, guidance_scale, guidance_rescale, sample):
         """The checked (uncond, w, factor) of classifier-free guidance for the step op; with a learned
