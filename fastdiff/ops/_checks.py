@@ -141,7 +141,7 @@ def host_range(t: torch.Tensor, name: str, lo: int, hi: int) -> Optional[list]:
     if n == 0:
         return []
     if n <= _SMALL_N:
-        vals = t.reshape(-1).tolist()
+        vals = (t if t.dim() == 1 else t.reshape(-1)).tolist()
         mn, mx = min(vals), max(vals)
     else:
         vals = None

@@ -17,6 +17,9 @@ from typing import Optional
 import torch
 
 
+_PLAIN = (float, int)
+
+
 def check_scales(guidance_scale, guidance_rescale) -> tuple[float, float]:
     for name, v in (("guidance_scale", guidance_scale), ("guidance_rescale", guidance_rescale)):
         if isinstance(v, bool) or not isinstance(v, Real):
@@ -49,6 +52,9 @@ def prepare(model_output: torch.Tensor, uncond_output: Optional[torch.Tensor], g
     guidance_scale must be 1 and guidance_rescale 0. With w = 1 and no
     rescale the guided output is exactly model_output, so uncond_output is
     not passed on (the step then reads one prediction, not two)."""
+    if uncond_output is None and type(guidance_scale) in _PLAIN and guidance_scale == 1 and \
+            type(guidance_rescale) in _PLAIN and guidance_rescale == 0:
+        return None, 1.0, None  # the unguided call (nearly every call): no further checks to make
     w, phi = check_scales(guidance_scale, guidance_rescale)
     if uncond_output is None:
         if w != 1.0:
