@@ -236,7 +236,7 @@ def test_argument_errors():
     t = torch.tensor([1, 2]).to(DEV)
     a = ABAR.to(DEV)
     key = torch.tensor([1, 2], dtype=torch.int64).to(DEV)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(ValueError, match="exactly one of noise, key"):
         ft.diffusion_loss(x, x, t, a, None, None, torch.ones(2).to(DEV), 0, False)
     with pytest.raises(ValueError, match="noise or key"):
         ft.ddpm_step(x, x, t, t - 1, a, None, x, key, None, 0, 0, 0.0)
