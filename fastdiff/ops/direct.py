@@ -76,6 +76,8 @@ def q_sample_noise(x0: torch.Tensor, t: torch.Tensor, abar: torch.Tensor, noise:
 def uniform_weight(n: int, device: torch.device) -> torch.Tensor:
     """A cached float32 (n,) tensor of ones (read-only: the loss weight of
     ``weighting="uniform"``, allocated once per (n, device))."""
+    if _compiling():  # inside a compiled graph the ones are made in the graph (a cache would add guards)
+        return torch.ones(n, dtype=torch.float32, device=device)
     k = (n, device)
     w = _ONES.get(k)
     if w is None:
