@@ -191,7 +191,7 @@ def test_patch_diffusers_unet2d(diffusers, mode):
     snap = _snapshot(model)
 
     report = fnn.patch(model)
-    assert report.counts == {"resnet_block": 8, "attention": 4, "norm_out_silu": 1}
+    assert report.counts == {"resnet_block": 8, "attention": 4, "norm_out_silu": 1, "upsample": 1}
     assert not report.skipped
     assert "down_blocks.1.attentions.0" in report.replaced["attention"]
     assert all(isinstance(m.processor, fnn.FastdiffAttnProcessor) for m in model.modules() if hasattr(m, "processor"))
@@ -253,7 +253,7 @@ def test_patch_diffusers_unet2d_condition(diffusers):
     snap = _snapshot(model)
     report = fnn.patch(model)
     # attn1 (self) and attn2 (cross) of 4 transformer blocks; the Transformer2DModel norms are lone GroupNorms
-    assert report.counts == {"resnet_block": 8, "attention": 8, "norm_out_silu": 1, "groupnorm": 4}
+    assert report.counts == {"resnet_block": 8, "attention": 8, "norm_out_silu": 1, "groupnorm": 4, "upsample": 1}
     assert any(n.endswith("attn2") for n in report.replaced["attention"])
     _assert_same_state(model, snap)
     y = model(x, t, encoder_hidden_states=ctx).sample

@@ -83,6 +83,7 @@ def test_patch_covers_every_autoencoder_kl_block():
     assert set(report.replaced["resnet_block"]) == resnets
     assert set(report.replaced["attention"]) == attns
     assert set(report.replaced["norm_out_silu"]) == {"encoder.conv_norm_out", "decoder.conv_norm_out"}
+    assert set(report.replaced["upsample"]) == {f"decoder.up_blocks.{i}.upsamplers.0" for i in range(3)}
     assert "groupnorm" not in report.replaced  # no norm is left to run on its own
     assert report.skipped == {}
     # the fused blocks keep their norm/SiLU submodules (state dict, unpatch) but never call them

@@ -7,11 +7,11 @@ existing PyTorch / diffusers models.
     report = patch_pipeline(pipe, scheduler=True)   # U-Net, VAE and scheduler of a diffusers pipeline
 """
 from .layers import (AttentionBlock, Downsample, GroupNormAct, MLPDenoiser, ResBlock, TimeEmbedding, Upsample,
-                     timestep_embedding, unfused)
+                     timestep_embedding, unfused, upsample_conv)
 from .patching import FastdiffAttnProcessor, PatchReport, patch, unpatch
 from .pipeline import PipelineReport, patch_pipeline, unpatch_pipeline
 from .unet import PRESETS, UNet
 
 __all__ = ["GroupNormAct", "timestep_embedding", "TimeEmbedding", "ResBlock", "AttentionBlock", "Downsample",
-           "Upsample", "MLPDenoiser", "UNet", "PRESETS", "patch", "unpatch", "PatchReport", "FastdiffAttnProcessor", "unfused",
+           "Upsample", "upsample_conv", "MLPDenoiser", "UNet", "PRESETS", "patch", "unpatch", "PatchReport", "FastdiffAttnProcessor", "unfused",
            "patch_pipeline", "unpatch_pipeline", "PipelineReport"]

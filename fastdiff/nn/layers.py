@@ -24,7 +24,7 @@ from .. import ops as _ops
 Tensor = torch.Tensor
 
 __all__ = ["unfused", "GroupNormAct", "timestep_embedding", "TimeEmbedding", "ResBlock", "AttentionBlock", "Downsample",
-           "Upsample", "MLPDenoiser"]
+           "Upsample", "upsample_conv", "upsample_phase_weights", "cached_upsample_phase", "MLPDenoiser"]
 
 
 _STOCK = False  # set by unfused(): compute with stock PyTorch ops instead of the fused kernels
@@ -307,14 +307,97 @@ class Downsample(nn.Module):
         return self.conv(x)
 
 
+def upsample_phase_weights(weight: Tensor, bias: Optional[Tensor] = None) -> tuple:
+    """The 2x2 kernels of :func:`upsample_conv`: a (Cout, Cin, 3, 3) ``weight``
+    becomes (4 Cout, Cin, 2, 2), phase (a, b) in channels (2a + b) Cout ...;
+    ``bias`` (Cout) becomes (4 Cout) or stays None.
+
+    After a nearest x2 upsample, output row 2i + a of a 3x3 conv (padding 1)
+    reads input rows {i-1, i, i} (a = 0) or {i, i, i+1} (a = 1): two distinct
+    rows, so the kernel's rows fold to two, (w0, w1 + w2) or (w0 + w1, w2),
+    and likewise its columns. Differentiable (autograd reaches ``weight``).
+    """
+    if weight.dim() != 4 or weight.shape[2:] != (3, 3):
+        raise ValueError(f"weight must be a (Cout, Cin, 3, 3) conv kernel, got shape {tuple(weight.shape)}")
+    if bias is not None and bias.shape != weight.shape[:1]:
+        raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+
+    def fold(w: Tensor, dim: int) -> tuple:
+        w0, w1, w2 = w.unbind(dim)
+        return torch.stack((w0, w1 + w2), dim), torch.stack((w0 + w1, w2), dim)
+
+    k = torch.stack([kc for kr in fold(weight, 2) for kc in fold(kr, 3)])  # (a, b) order: (0,0) (0,1) (1,0) (1,1)
+    return k.flatten(0, 1), None if bias is None else bias.repeat(4)
+
+
+def upsample_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, phase: Optional[tuple] = None) -> Tensor:
+    """``conv2d(interpolate(x, scale_factor=2, mode="nearest"), weight, bias, padding=1)``
+    for a 3x3 ``weight``, without the upsampled tensor and with 4/9 of the
+    multiply-adds.
+
+    Each of the four output phases (even/odd row x even/odd column) is a 2x2
+    conv of ``x`` (see :func:`upsample_phase_weights`); the four run as one
+    conv with 4 Cout outputs and padding 1, whose (H+1) x (W+1) output holds
+    phase (a, b) at offset (a, b). One strided copy interleaves them into
+    the (N, Cout, 2H, 2W) result (channels-last when ``x`` is). ``phase``:
+    precomputed ``upsample_phase_weights(weight, bias)``. Differentiable in
+    ``x``, ``weight`` and ``bias``.
+
+    The folded kernel sums up to four weights before the conv: at fp32 and
+    above this is a rounding of the order of the conv's own; in fp16/bf16
+    the folded weights are rounded to that format, an extra error of the
+    size of rounding the output once.
+    """
+    if x.dim() != 4:
+        raise ValueError(f"x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+    if weight.dim() != 4 or weight.shape[1] != x.shape[1]:
+        raise ValueError(f"weight must be (Cout, {x.shape[1]}, 3, 3) for x with {x.shape[1]} channels, "
+                         f"got shape {tuple(weight.shape)}")
+    k, kb = phase if phase is not None else upsample_phase_weights(weight, bias)
+    N, _, H, W = x.shape
+    Co = weight.shape[0]
+    y = F.conv2d(x, k, kb, padding=1)  # (N, 4 Co, H + 1, W + 1)
+    sn, sc, sh, sw = y.stride()
+    # out[n, c, 2i + a, 2j + b] = y[n, (2a + b) Co + c, i + a, j + b]: a view of y with the phase folded into
+    # the row/column strides, so one copy interleaves all four phases
+    phases = y.as_strided((N, Co, H, 2, W, 2), (sn, sc, sh, 2 * Co * sc + sh, sw, Co * sc + sw))
+    cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    out = torch.empty((N, Co, 2 * H, 2 * W), dtype=y.dtype, device=y.device,
+                      memory_format=torch.channels_last if cl else torch.contiguous_format)
+    out.view(N, Co, H, 2, W, 2).copy_(phases)
+    return out
+
+
+def cached_upsample_phase(owner: nn.Module, weight: Tensor, bias: Optional[Tensor]) -> tuple:
+    """``upsample_phase_weights(weight, bias)``, kept on ``owner`` while no
+    gradient is recorded (sampling, decoding) and recomputed when the
+    parameters change (their version counters) or autograd needs the graph;
+    never cached inside a ``torch.compile`` trace (the graph computes it)."""
+    needs_graph = torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad))
+    if needs_graph or torch.compiler.is_compiling():
+        return upsample_phase_weights(weight, bias)
+    key = (weight.data_ptr(), weight._version, weight.dtype, weight.device,
+           None if bias is None else (bias.data_ptr(), bias._version, bias.dtype))
+    hit = owner.__dict__.get("_fastdiff_upsample_phase")
+    if hit is None or hit[0] != key:
+        with torch.no_grad():
+            hit = (key, upsample_phase_weights(weight, bias))
+        owner.__dict__["_fastdiff_upsample_phase"] = hit
+    return hit[1]
+
+
 class Upsample(nn.Module):
-    """Double H and W: nearest-neighbour x2, then a 3x3 conv (``with_conv``)."""
+    """Double H and W: nearest-neighbour x2, then a 3x3 conv (``with_conv``),
+    the pair computed by :func:`upsample_conv` (4/9 of the conv's work)."""
 
     def __init__(self, ch: int, with_conv: bool = True):
         super().__init__()
         self.conv = nn.Conv2d(ch, ch, 3, padding=1) if with_conv else None
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.conv is not None and not _STOCK:
+            return upsample_conv(x, self.conv.weight, self.conv.bias,
+                                 phase=cached_upsample_phase(self, self.conv.weight, self.conv.bias))
         x = F.interpolate(x, scale_factor=2.0, mode="nearest")
         return x if self.conv is None else self.conv(x)
 

@@ -25,12 +25,21 @@ in the report's ``skipped``):
 * diffusers ``Attention`` running ``AttnProcessor2_0`` / ``AttnProcessor``:
   :class:`FastdiffAttnProcessor` (fused GroupNorm, ``fastdiff.attention``);
   it falls back to the original processor for attention masks or extra args.
+* diffusers ``Upsample2D`` with its 3x3 conv (nearest x2 then conv, no
+  norm, no transposed conv): the instance's class is swapped for a subclass
+  computing the pair as :func:`fastdiff.nn.upsample_conv` (four 2x2 phase
+  convs on the small input: 4/9 of the multiply-adds, and the upsampled
+  tensor is never written). The conv submodule and its parameters stay; the
+  folded kernels are derived from them at call time (kept between calls
+  only while no gradient is recorded). An explicit ``output_size`` other than
+  twice the input, a conv with hooks or of another type (LoRA), run the
+  original forward.
 * diffusers ``UNet2DModel`` / ``UNet2DConditionModel`` and the VAE
   ``Encoder`` / ``Decoder`` (``AutoencoderKL``, ``VQModel``...): ``conv_norm_out``
   (a GroupNorm) + ``conv_act`` (SiLU) become one GroupNormAct (+ Identity).
 
-Every resnet, attention and output norm of a diffusers ``AutoencoderKL`` is
-thus fused, in the encoder and the decoder.
+Every resnet, attention, upsampler and output norm of a diffusers
+``AutoencoderKL`` is thus fused, in the encoder and the decoder.
 
 Modules with forward hooks, or whose ``forward`` is overridden on the
 instance (e.g. offloading hooks), are skipped. ``unpatch`` restores the
@@ -45,7 +54,7 @@ from typing import Optional
 from torch import nn
 
 from .. import ops as _ops
-from .layers import GroupNormAct
+from .layers import GroupNormAct, cached_upsample_phase, upsample_conv
 
 __all__ = ["patch", "unpatch", "PatchReport", "FastdiffAttnProcessor"]
 
@@ -58,6 +67,7 @@ KINDS = {
     "groupnorm": "nn.GroupNorm -> GroupNormAct(act=False)",
     "resnet_block": "diffusers ResnetBlock2D -> fused norm1+SiLU, norm2(+temb)+SiLU",
     "attention": "diffusers Attention -> FastdiffAttnProcessor",
+    "upsample": "diffusers Upsample2D (nearest x2 + 3x3 conv) -> four 2x2 phase convs",
     "norm_out_silu": "diffusers conv_norm_out + conv_act -> GroupNormAct",
 }
 
@@ -145,17 +155,19 @@ def _swap(parent: nn.Module, attr: str, new: nn.Module, recs: list, kind: str, n
 # --------------------------------------------------------------- diffusers --
 def _diffusers_classes():
     """(ResnetBlock2D, Attention, (AttnProcessor2_0, AttnProcessor), (UNet2DModel, UNet2DConditionModel,
-    vae Encoder, vae Decoder), (ResnetBlockCondNorm2D,)), or None when diffusers cannot be imported."""
+    vae Encoder, vae Decoder), (ResnetBlockCondNorm2D,), Upsample2D), or None when diffusers cannot be
+    imported."""
     try:
         from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
         from diffusers.models.autoencoders.vae import Decoder, Encoder
         from diffusers.models.resnet import ResnetBlock2D, ResnetBlockCondNorm2D
         from diffusers.models.unets.unet_2d import UNet2DModel
         from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+        from diffusers.models.upsampling import Upsample2D
     except Exception:  # pragma: no cover - diffusers missing or reorganised
         return None
     return (ResnetBlock2D, Attention, (AttnProcessor2_0, AttnProcessor),
-            (UNet2DModel, UNet2DConditionModel, Encoder, Decoder), (ResnetBlockCondNorm2D,))
+            (UNet2DModel, UNet2DConditionModel, Encoder, Decoder), (ResnetBlockCondNorm2D,), Upsample2D)
 
 
 def _resnet_fusable(block) -> Optional[str]:
@@ -221,13 +233,53 @@ class _FusedResnetMixin:
         return h if self.output_scale_factor == 1 else h.div_(self.output_scale_factor)
 
 
+def _upsample_conv_of(m) -> Optional[nn.Module]:
+    """The conv of a diffusers Upsample2D (named ``conv`` or, for old checkpoints, ``Conv2d_0``)."""
+    return getattr(m, "conv" if m.name == "conv" else "Conv2d_0", None)
+
+
+def _upsample_fusable(m) -> Optional[str]:
+    """None when an Upsample2D is nearest x2 followed by a plain 3x3 conv (padding 1), else why not."""
+    if m.use_conv_transpose:
+        return "use_conv_transpose (a transposed conv, no interpolation)"
+    if not m.use_conv or not m.interpolate:
+        return "no interpolation followed by a conv"
+    if m.norm is not None:
+        return f"a {type(m.norm).__name__} before the upsample"
+    conv = _upsample_conv_of(m)
+    if type(conv) is not nn.Conv2d:
+        return f"conv is a {type(conv).__name__}, not nn.Conv2d"
+    if _has_hooks(conv) or _forward_overridden(conv):
+        return "conv has hooks or an overridden forward"
+    if (conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups, conv.padding_mode) != \
+            ((3, 3), (1, 1), (1, 1), (1, 1), 1, "zeros"):
+        return "conv is not 3x3, stride 1, zero padding 1, dilation 1, groups 1"
+    return None
+
+
+class _FusedUpsampleMixin:
+    """forward of diffusers' Upsample2D with nearest x2 + 3x3 conv computed as
+    :func:`fastdiff.nn.upsample_conv` (mixed in front of the module's own class)."""
+
+    def forward(self, hidden_states, output_size=None, *args, **kwargs):
+        x = hidden_states
+        plain = (not args and kwargs.get("scale", None) is None and x.dim() == 4 and x.shape[1] == self.channels
+                 and _upsample_fusable(self) is None)
+        if plain and output_size is not None:
+            plain = tuple(output_size) == (2 * x.shape[2], 2 * x.shape[3])
+        if not plain:
+            return super().forward(hidden_states, output_size, *args, **kwargs)
+        conv = _upsample_conv_of(self)
+        return upsample_conv(x, conv.weight, conv.bias, phase=cached_upsample_phase(self, conv.weight, conv.bias))
+
+
 _FUSED_CLASSES: dict = {}
 
 
-def _fused_class(base: type) -> type:
+def _fused_class(base: type, mixin: type = _FusedResnetMixin) -> type:
     cls = _FUSED_CLASSES.get(base)
     if cls is None:
-        cls = type(f"Fused{base.__name__}", (_FusedResnetMixin, base), {"__module__": __name__})
+        cls = type(f"Fused{base.__name__}", (mixin, base), {"__module__": __name__})
         cls.__qualname__ = cls.__name__
         globals()[cls.__name__] = cls  # importable by name, so patched models pickle
         _FUSED_CLASSES[base] = cls
@@ -237,10 +289,10 @@ def _fused_class(base: type) -> type:
 def __getattr__(name: str):
     # Unpickling a patched model in a fresh process looks the fused class up
     # by name before anything has been patched: build it on demand.
-    if name == "FusedResnetBlock2D":
+    if name in ("FusedResnetBlock2D", "FusedUpsample2D"):
         dc = _diffusers_classes()
         if dc is not None:
-            return _fused_class(dc[0])
+            return _fused_class(dc[0]) if name == "FusedResnetBlock2D" else _fused_class(dc[5], _FusedUpsampleMixin)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -323,7 +375,7 @@ def _attention_fusable(attn, proc_types) -> Optional[str]:
 
 
 # ------------------------------------------------------------------ patch ---
-def patch(model: nn.Module, attention: bool = True, norms: bool = True) -> PatchReport:
+def patch(model: nn.Module, attention: bool = True, norms: bool = True, upsample: bool = True) -> PatchReport:
     """Fuse ``model`` in place (see the module docstring for what is replaced).
 
     Args:
@@ -334,6 +386,8 @@ def patch(model: nn.Module, attention: bool = True, norms: bool = True) -> Patch
         attention: install :class:`FastdiffAttnProcessor` on diffusers
             ``Attention`` modules.
         norms: fuse GroupNorm(+SiLU) modules and diffusers ``ResnetBlock2D``.
+        upsample: compute diffusers ``Upsample2D`` (nearest x2 + 3x3 conv) as
+            four 2x2 phase convs.
 
     Returns a :class:`PatchReport` (also logged at INFO on ``fastdiff.nn``).
     Patching twice is harmless (the second call finds nothing new). The
@@ -342,7 +396,7 @@ def patch(model: nn.Module, attention: bool = True, norms: bool = True) -> Patch
     if not isinstance(model, nn.Module):
         if _is_pipeline(model):
             from .pipeline import patch_pipeline
-            return patch_pipeline(model, attention=attention, norms=norms)
+            return patch_pipeline(model, attention=attention, norms=norms, upsample=upsample)
         raise TypeError(f"model must be an nn.Module or a diffusers pipeline, got {type(model).__name__}")
     report = PatchReport()
     recs = _records(model)
@@ -351,8 +405,19 @@ def patch(model: nn.Module, attention: bool = True, norms: bool = True) -> Patch
     uses_diffusers = any(type(m).__module__.startswith("diffusers.") for m in model.modules())
     dc = _diffusers_classes() if uses_diffusers else None
     if dc is not None:
-        ResnetBlock2D, Attention, proc_types, unet_types, cond_resnet_types = dc
+        ResnetBlock2D, Attention, proc_types, unet_types, cond_resnet_types, Upsample2D = dc
         for name, m in list(model.named_modules()):
+            if upsample and type(m) is Upsample2D and m.use_conv and not m.use_conv_transpose:
+                why = _upsample_fusable(m) or ("forward overridden on the instance" if _forward_overridden(m) else
+                                               "has forward hooks" if _has_hooks(m) else None)
+                if why:
+                    report.skip(name, f"Upsample2D: {why}")
+                    continue
+                new_cls = _fused_class(Upsample2D, _FusedUpsampleMixin)
+                recs.append(("class", "upsample", name, m, Upsample2D, new_cls))
+                m.__class__ = new_cls
+                report.add("upsample", name)
+                continue
             if norms and type(m) is ResnetBlock2D:
                 why = _resnet_fusable(m) or ("forward overridden on the instance" if _forward_overridden(m) else
                                              "has forward hooks" if _has_hooks(m) else None)

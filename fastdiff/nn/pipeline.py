@@ -90,7 +90,8 @@ def _set_component(pipe, name: str, value) -> None:
     setattr(pipe, name, value)
 
 
-def patch_pipeline(pipe, scheduler: bool = False, attention: bool = True, norms: bool = True) -> PipelineReport:
+def patch_pipeline(pipe, scheduler: bool = False, attention: bool = True, norms: bool = True,
+                   upsample: bool = True) -> PipelineReport:
     """Fuse a diffusers pipeline in place.
 
     Args:
@@ -100,7 +101,7 @@ def patch_pipeline(pipe, scheduler: bool = False, attention: bool = True, norms:
             (``fastdiff.diffusion.Fused<Name>``, from the same config) when
             one exists; otherwise the scheduler is kept and the reason is in
             ``report.skipped["scheduler"]``.
-        attention, norms: passed to :func:`fastdiff.nn.patch` for each model.
+        attention, norms, upsample: passed to :func:`fastdiff.nn.patch` for each model.
 
     Returns a :class:`PipelineReport` with one :class:`PatchReport` per
     patched component. Patching twice is harmless. Undo with
@@ -116,7 +117,7 @@ def patch_pipeline(pipe, scheduler: bool = False, attention: bool = True, norms:
         if comp is None or name == "scheduler":
             continue
         if _is_diffusers_model(comp):
-            report.components[name] = patch(comp, attention=attention, norms=norms)
+            report.components[name] = patch(comp, attention=attention, norms=norms, upsample=upsample)
             if not any(c is comp for _, c in recs["models"]):
                 recs["models"].append((name, comp))
         elif isinstance(comp, nn.Module):
