@@ -11,11 +11,11 @@ if [ ! -x .venv/bin/python ]; then
 fi
 . .venv/bin/activate
 export PIP_DISABLE_PIP_VERSION_CHECK=1
-if ! python -c "import torch, triton, numpy, ninja, pybind11, diffusers, transformers, hypothesis, scipy, pytest_benchmark, safetensors, PIL, matplotlib, sklearn, tqdm, importlinter, torchvision, torch_fidelity" 2>/dev/null; then
+if ! python -c "import torch, triton, numpy, ninja, pybind11, diffusers, transformers, hypothesis, scipy, pytest_benchmark, xdist, safetensors, PIL, matplotlib, sklearn, tqdm, importlinter, torchvision, torch_fidelity" 2>/dev/null; then
   echo "== installing dependencies (torch ~80 s)"
   python -m pip install -q "setuptools>=64" wheel
   python -m pip install -q "torch==2.14.1" triton numpy ninja pybind11 tqdm pillow safetensors \
-    pytest pytest-benchmark hypothesis scipy diffusers "transformers==5.24.0" expecttest matplotlib scikit-learn import-linter
+    pytest pytest-benchmark pytest-xdist hypothesis scipy diffusers "transformers==5.24.0" expecttest matplotlib scikit-learn import-linter
   # FID / IS / KID: torch-fidelity, with the torchvision built for this torch (pinned so pip never swaps torch)
   python -m pip install -q "torch==2.14.1" "torchvision==0.29.1" "torch-fidelity==0.4.0"
 fi
