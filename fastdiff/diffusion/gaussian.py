@@ -656,26 +656,25 @@ class GaussianDiffusion(nn.Module):
                                                    cond, guide if guided else None)
             final_x0 = False
         else:
+            common = dict(prediction=PREDICTION.index(self.target), clip=clip)
+            w, phi = (guide["guidance_scale"], guide["guidance_rescale"]) if guided else (1.0, 0.0)
+
             def step(x, t, tp, key):
-                if guided:  # the public ops: they check and prepare the guidance arguments
-                    common = dict(t_prev=tp, prediction_type=self.target, clip_sample=self.clip_sample,
-                                  clip_sample_range=self.clip_sample_range, key=key)
+                # t/tp/key/abar were laid out (and checked) once before the loop, the guidance scales above:
+                # the checked-once path. Guided: the conditional and unconditional halves of one model
+                # call, combined inside the step kernel (the prediction channels only, with learned variances)
+                kw = dict(common)
+                if guided:
                     out, out_u = self._call_guided(model_fn, x, t, in_dtype, cond)
-                    if method == "ddpm":
-                        return _ops.ddpm_step(out, t, x, abar, variance_type=self.variance_type, uncond_output=out_u,
-                                              **guide, **common)
-                    return _ops.ddim_step(self._split(out, x.shape[1])[0], t, x, abar, eta=float(eta),
-                                          final_alpha_cumprod=1.0, uncond_output=self._split(out_u, x.shape[1])[0],
-                                          **guide, **common)
-                out = self._call(model_fn, x, t, in_dtype, cond)
-                common = dict(prediction=PREDICTION.index(self.target), clip=clip,
-                              variance=_VARIANCE_CODES[self.variance_type])
-                pred, var = self._split(out, x.shape[1])
-                # t/tp/key/abar were laid out (and checked) once before the loop: the checked-once path
+                    pred, var = self._split(out, x.shape[1])
+                    kw["guidance"] = _direct.guidance(pred, self._split(out_u, x.shape[1])[0], w, phi)
+                else:
+                    pred, var = self._split(self._call(model_fn, x, t, in_dtype, cond), x.shape[1])
                 if method == "ddpm":
-                    return _direct.ddpm_step(pred, x, t, tp, abar, model_var=var, key=key, **common)
+                    return _direct.ddpm_step(pred, x, t, tp, abar, model_var=var, key=key,
+                                             variance=_VARIANCE_CODES[self.variance_type], **kw)
                 return _direct.ddim_step(pred, x, t, tp, abar, eta=float(eta), final_alpha_cumprod=1.0, key=key,
-                                         **{k: v for k, v in common.items() if k != "variance"})
+                                         **kw)
 
         traj = [(x if view is None else view(-1, x)).clone()] if return_trajectory else None
         result = None

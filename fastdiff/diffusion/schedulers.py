@@ -86,7 +86,6 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, Sch
 from diffusers.utils.torch_utils import randn_tensor
 
 from .. import ops
-from ..ops import _guidance
 from ..ops import direct as _direct
 from ..schedule import NoiseSchedule, rescale_zero_terminal_snr
 
@@ -435,7 +434,7 @@ class _FusedScheduler(SchedulerMixin, ConfigMixin):
         variance (2C channels) only uncond_output's first C channels are read, like model_output's."""
         if uncond_output is not None and self._var_code >= 4 and isinstance(uncond_output, torch.Tensor):
             uncond_output = self._split_variance(uncond_output, sample)[0]
-        return _guidance.prepare(model_output, uncond_output, guidance_scale, guidance_rescale)
+        return _direct.guidance(model_output, uncond_output, guidance_scale, guidance_rescale)
 
     def _thresh(self, model_output: torch.Tensor, sample: torch.Tensor, t: torch.Tensor):
         """The per-sample dynamic-thresholding bound when thresholding is on (an extra pass), else None."""
@@ -591,7 +590,7 @@ class FusedDDPMScheduler(_FusedScheduler):
         prev, x0 = _direct.ddpm_step(model_output, sample, t, t_prev, self._abar_on(sample.device),
                                      prediction=self._pred_code, variance=self._var_code, clip=self._clip,
                                      model_var=model_var, noise=noise, key=k,
-                                     thresh=self._thresh(_guidance.guided_like(model_output, g), sample, t),
+                                     thresh=self._thresh(_direct.guided_like(model_output, g), sample, t),
                                      guidance=g)
         if not _flag(return_dict, "return_dict"):
             return prev, x0
@@ -724,7 +723,7 @@ class FusedDDIMScheduler(_FusedScheduler):
                                      final_alpha_cumprod=self._final_abar,
                                      use_clipped_model_output=clipped,
                                      noise=noise if eta > 0 else None, key=k if eta > 0 else None,
-                                     thresh=self._thresh(_guidance.guided_like(model_output, g), sample, t),
+                                     thresh=self._thresh(_direct.guided_like(model_output, g), sample, t),
                                      guidance=g)
         if not _flag(return_dict, "return_dict"):
             return prev, x0

@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from . import _checks, _fakes
+from . import _checks, _fakes, _guidance
 from ._schemas import op
 from ..schedule import loss_weight
 
@@ -39,6 +39,15 @@ _NO_GUIDANCE = (None, 1.0, None)  # (uncond_output, guidance_scale, guidance_fac
 #: the edge conversion of timesteps: ``timesteps(t, n, device, T, name="t", allow_final=False)`` ->
 #: (int64 (n,) tensor on device, its values as a list or None), range-checked when they are on the host
 timesteps = _checks.timesteps
+
+#: the checked classifier-free guidance of the step operators' ``guidance=``:
+#: ``guidance(model_output, uncond_output, guidance_scale, guidance_rescale)`` -> (uncond_output, w, factor),
+#: where factor is guidance rescale's per-sample float64 (N,) pre-pass (None without rescale), and
+#: (None, 1.0, None) when nothing is guided
+guidance = _guidance.prepare
+#: model_output, or the guided prediction of a checked ``guidance`` tuple in model_output's dtype (for
+#: pre-passes that need it whole, such as dynamic thresholding)
+guided_like = _guidance.guided_like
 
 
 def _no_grad_needed(*tensors) -> bool:
