@@ -600,6 +600,49 @@ std::tuple<at::Tensor, at::Tensor> q_sample_rng_cuda(const at::Tensor& x0, const
 }
 
 // ------------------------------------------------------- diffusion_loss ---
+// The loss's inputs as its kernels read them, shared by the forward and the
+// backward: x0 canonical, model_output and noise in x0's layout, the small
+// tensors contiguous (after check_cuda/check_loss; the device guard is the
+// caller's).
+namespace {
+struct LossArgs {
+  at::Tensor x0, out, noise, key, t, abar, weight;
+  int64_t N = 0, M = 0;
+};
+
+LossArgs loss_args(const at::Tensor& model_output, const at::Tensor& x0_in, const at::Tensor& t,
+                   const at::Tensor& abar, const c10::optional<at::Tensor>& noise_in,
+                   const c10::optional<at::Tensor>& key_in, const at::Tensor& weight) {
+  LossArgs a;
+  a.x0 = canonical(x0_in);
+  a.out = match_layout(model_output, a.x0);
+  a.noise = noise_in ? match_layout(*noise_in, a.x0) : at::Tensor();
+  a.key = key_in ? key_in->contiguous() : at::Tensor();
+  a.t = t.contiguous();
+  a.abar = abar.contiguous();
+  a.weight = weight.contiguous();
+  a.N = a.x0.size(0);
+  a.M = per_sample(a.x0);
+  return a;
+}
+
+// Points a LossOp at the shared inputs, reading only what the target needs;
+// the caller sets its outputs (grad, partial, loss) and grad_loss.
+template <typename scalar_t, typename Op>
+void fill_loss_inputs(Op& op, const LossArgs& a, int64_t target) {
+  op.in[0] = a.out.data_ptr<scalar_t>();
+  op.in[1] = target == kEpsilon ? nullptr : a.x0.data_ptr<scalar_t>();
+  op.in[2] = target == kSample ? nullptr : ptr_or_null<scalar_t>(a.noise);
+  op.key = a.key.defined() ? a.key.data_ptr<int64_t>() : nullptr;
+  op.t = a.t.data_ptr<int64_t>();
+  op.abar = a.abar.data_ptr<double>();
+  op.T = a.abar.size(0);
+  op.weight = a.weight.data_ptr<float>();
+  op.M = a.M;
+  op.target = target;
+}
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> diffusion_loss_cuda(const at::Tensor& model_output, const at::Tensor& x0_in,
                                                        const at::Tensor& t, const at::Tensor& abar,
                                                        const c10::optional<at::Tensor>& noise_in,
@@ -608,40 +651,27 @@ std::tuple<at::Tensor, at::Tensor> diffusion_loss_cuda(const at::Tensor& model_o
   check_cuda(x0_in, "x0");
   check_loss(model_output, x0_in, t, abar, noise_in, key_in, weight, target);
   const c10::cuda::CUDAGuard guard(x0_in.device());
-  const at::Tensor x0 = canonical(x0_in);
-  const at::Tensor out = match_layout(model_output, x0);
-  const at::Tensor noise = noise_in ? match_layout(*noise_in, x0) : at::Tensor();
-  const at::Tensor key = key_in ? key_in->contiguous() : at::Tensor();
-  const int64_t N = x0.size(0), M = per_sample(x0);
+  const LossArgs a = loss_args(model_output, x0_in, t, abar, noise_in, key_in, weight);
+  const int64_t N = a.N, M = a.M;
   // float64 losses for float64 inputs (gradcheck), float32 otherwise
-  const bool f64 = x0.scalar_type() == at::kDouble;
-  const auto loss_opts = x0.options().dtype(f64 ? at::kDouble : at::kFloat);
-  at::Tensor grad = need_grad ? at::empty_like(x0) : at::empty({0}, x0.options());
+  const bool f64 = a.x0.scalar_type() == at::kDouble;
+  const auto loss_opts = a.x0.options().dtype(f64 ? at::kDouble : at::kFloat);
+  at::Tensor grad = need_grad ? at::empty_like(a.x0) : at::empty({0}, a.x0.options());
   if (N == 0 || M == 0) return {at::zeros({N}, loss_opts), grad};
   at::Tensor loss = at::empty({N}, loss_opts);
-  const at::Tensor tc = t.contiguous(), ac = abar.contiguous(), wc = weight.contiguous();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, x0.scalar_type(),
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, a.x0.scalar_type(),
                                   "fastdiff_loss_cuda", [&] {
     using acc_t = acc_type_t<scalar_t>;
     const Plan plan = make_plan(N, M, LossOp<scalar_t, false>::kUnroll);
     at::Tensor partial;
     if (plan.chunks > 1) partial = at::empty({N, plan.chunks}, loss_opts);
     auto fill = [&](auto& op) {
-      op.in[0] = out.data_ptr<scalar_t>();
-      op.in[1] = target == kEpsilon ? nullptr : x0.data_ptr<scalar_t>();  // read only what the target needs
-      op.in[2] = target == kSample ? nullptr : ptr_or_null<scalar_t>(noise);
+      fill_loss_inputs<scalar_t>(op, a, target);
       op.out[0] = need_grad ? grad.data_ptr<scalar_t>() : nullptr;
-      op.key = key.defined() ? key.data_ptr<int64_t>() : nullptr;
-      op.t = tc.data_ptr<int64_t>();
-      op.abar = ac.data_ptr<double>();
-      op.T = ac.size(0);
-      op.weight = wc.data_ptr<float>();
       op.partial = partial.defined() ? partial.data_ptr<acc_t>() : nullptr;
       op.loss = loss.data_ptr<acc_t>();
       op.grad_loss = nullptr;
-      op.M = M;
-      op.target = target;
     };
     if (key_in) {
       LossOp<scalar_t, true> op;
@@ -655,7 +685,8 @@ std::tuple<at::Tensor, at::Tensor> diffusion_loss_cuda(const at::Tensor& model_o
     if (plan.chunks > 1) {
       const int threads = 128;
       const unsigned blocks = static_cast<unsigned>((N + threads - 1) / threads);
-      loss_finalize_kernel<acc_t><<<blocks, threads, 0, stream>>>(partial.data_ptr<acc_t>(), wc.data_ptr<float>(),
+      loss_finalize_kernel<acc_t><<<blocks, threads, 0, stream>>>(partial.data_ptr<acc_t>(),
+                                                                  a.weight.data_ptr<float>(),
                                                                   loss.data_ptr<acc_t>(), N, plan.chunks, M);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
@@ -672,37 +703,24 @@ at::Tensor diffusion_loss_backward_cuda(const at::Tensor& grad_loss, const at::T
   check_loss(model_output, x0_in, t, abar, noise_in, key_in, weight, target);
   check_loss_grad(grad_loss, x0_in);
   const c10::cuda::CUDAGuard guard(x0_in.device());
-  const at::Tensor x0 = canonical(x0_in);
-  const at::Tensor out = match_layout(model_output, x0);
-  const at::Tensor noise = noise_in ? match_layout(*noise_in, x0) : at::Tensor();
-  const at::Tensor key = key_in ? key_in->contiguous() : at::Tensor();
-  const int64_t N = x0.size(0), M = per_sample(x0);
-  at::Tensor grad = at::empty_like(x0);
+  const LossArgs a = loss_args(model_output, x0_in, t, abar, noise_in, key_in, weight);
+  const int64_t N = a.N, M = a.M;
+  at::Tensor grad = at::empty_like(a.x0);
   if (N == 0 || M == 0) return grad;
-  const bool f64 = x0.scalar_type() == at::kDouble;
+  const bool f64 = a.x0.scalar_type() == at::kDouble;
   // the incoming gradient in the accumulation type (a no-op for the float32 loss of float32/16 data)
   const at::Tensor gl = grad_loss.to(f64 ? at::kDouble : at::kFloat).contiguous();
-  const at::Tensor tc = t.contiguous(), ac = abar.contiguous(), wc = weight.contiguous();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, x0.scalar_type(),
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, a.x0.scalar_type(),
                                   "fastdiff_loss_bwd_cuda", [&] {
     using acc_t = acc_type_t<scalar_t>;
     const Plan plan = make_plan(N, M, LossOp<scalar_t, false, true>::kUnroll);
     auto fill = [&](auto& op) {
-      op.in[0] = out.data_ptr<scalar_t>();
-      op.in[1] = target == kEpsilon ? nullptr : x0.data_ptr<scalar_t>();
-      op.in[2] = target == kSample ? nullptr : ptr_or_null<scalar_t>(noise);
+      fill_loss_inputs<scalar_t>(op, a, target);
       op.out[0] = grad.data_ptr<scalar_t>();
-      op.key = key.defined() ? key.data_ptr<int64_t>() : nullptr;
-      op.t = tc.data_ptr<int64_t>();
-      op.abar = ac.data_ptr<double>();
-      op.T = ac.size(0);
-      op.weight = wc.data_ptr<float>();
       op.partial = nullptr;
       op.loss = nullptr;
       op.grad_loss = gl.data_ptr<acc_t>();
-      op.M = M;
-      op.target = target;
     };
     if (key_in) {
       LossOp<scalar_t, true, true> op;
