@@ -90,7 +90,7 @@ stage_correctness() {
   _pytest "test_gpu_check" tests/test_gpu_check.py || rc=1
   local others=(tests/test_attention.py tests/test_diffusion.py tests/test_triton_launch.py tests/test_api.py
                 tests/test_schedulers.py tests/test_ops.py tests/test_group_norm.py tests/test_triton_group_norm.py
-                tests/test_noise_stats.py tests/test_train_step.py)
+                tests/test_upsample.py tests/test_noise_stats.py tests/test_train_step.py)
   if [ "$REHEARSE" = 1 ]; then
     # the selection must still collect; running it needs a GPU
     "$PY" -m pytest -q -p no:cacheprovider --collect-only -m gpu "${others[@]}" >"$TMP/collect.txt" 2>&1 || rc=1
