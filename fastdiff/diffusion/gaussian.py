@@ -658,23 +658,24 @@ class GaussianDiffusion(nn.Module):
         else:
             common = dict(prediction=PREDICTION.index(self.target), clip=clip)
             w, phi = (guide["guidance_scale"], guide["guidance_rescale"]) if guided else (1.0, 0.0)
+            unguided = _direct.guidance(None, None, 1.0, 0.0)  # the plain step's tuple, built once
 
             def step(x, t, tp, key):
                 # t/tp/key/abar were laid out (and checked) once before the loop, the guidance scales above:
                 # the checked-once path. Guided: the conditional and unconditional halves of one model
                 # call, combined inside the step kernel (the prediction channels only, with learned variances)
-                kw = dict(common)
                 if guided:
                     out, out_u = self._call_guided(model_fn, x, t, in_dtype, cond)
                     pred, var = self._split(out, x.shape[1])
-                    kw["guidance"] = _direct.guidance(pred, self._split(out_u, x.shape[1])[0], w, phi)
+                    g = _direct.guidance(pred, self._split(out_u, x.shape[1])[0], w, phi)
                 else:
                     pred, var = self._split(self._call(model_fn, x, t, in_dtype, cond), x.shape[1])
+                    g = unguided
                 if method == "ddpm":
                     return _direct.ddpm_step(pred, x, t, tp, abar, model_var=var, key=key,
-                                             variance=_VARIANCE_CODES[self.variance_type], **kw)
+                                             variance=_VARIANCE_CODES[self.variance_type], guidance=g, **common)
                 return _direct.ddim_step(pred, x, t, tp, abar, eta=float(eta), final_alpha_cumprod=1.0, key=key,
-                                         **kw)
+                                         guidance=g, **common)
 
         traj = [(x if view is None else view(-1, x)).clone()] if return_trajectory else None
         result = None
